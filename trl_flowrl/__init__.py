@@ -1,0 +1,8 @@
+"""FlowRL and ExGRPO for Hugging Face TRL: drop-in `GRPOTrainer` subclasses for LLM reasoning."""
+
+from ._compat import check_trl_version
+
+
+check_trl_version()
+
+__version__ = "0.1.0"
