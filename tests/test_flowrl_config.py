@@ -1,0 +1,69 @@
+import pytest
+from trl import GRPOConfig
+
+from trl_flowrl import FlowRLConfig, FlowRLTrainer
+from trl_flowrl._compat import SUPPORTED_TRL, check_trl_version
+
+
+def make_config(tmp_path, **kwargs):
+    return FlowRLConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **kwargs)
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    config = make_config(tmp_path)
+    assert config.beta == 15.0
+    assert config.importance_weight_clipping == "clamp" and config.importance_weight_max == 10.0
+    assert config.reward_in_residual == "advantage"
+    assert (config.log_z_num_layers, config.log_z_dropout, config.log_z_pooling) == (3, 0.1, "mean")
+    assert config.log_z_learning_rate is None
+    assert config.scale_rewards == "group"  # r_i is the group-normalised reward
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"beta": 0.0}, "beta is the reward scale"),
+        ({"beta": -1.0}, "must be positive"),
+        ({"importance_weight_clipping": "soft"}, "importance_weight_clipping must be"),
+        ({"importance_weight_max": 0.0}, "importance_weight_max must be positive"),
+        ({"importance_weight_clipping": "symmetric", "epsilon": 1.5}, "epsilon must be in"),
+        ({"reward_in_residual": "logit"}, "reward_in_residual must be"),
+        ({"log_z_num_layers": 0}, "log_z_num_layers must be at least 1"),
+        ({"log_z_dropout": 1.0}, "log_z_dropout must be in"),
+        ({"log_z_pooling": "max"}, "log_z_pooling must be"),
+        ({"log_z_learning_rate": -1e-3}, "log_z_learning_rate must be positive"),
+        ({"entropy_coef": 0.01}, "no entropy term"),
+        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
+    ],
+)
+def test_invalid_configs_fail_at_construction(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **kwargs)
+
+
+def test_trainer_refuses_a_grpo_config(tmp_path, tiny_model_path):
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    with pytest.raises(TypeError, match="Replace GRPOConfig"):
+        FlowRLTrainer(
+            model=tiny_model_path, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args
+        )
+
+
+def test_trainer_refuses_a_model_instance_without_a_path(tmp_path, tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    model.config.name_or_path = ""
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        FlowRLTrainer(
+            model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=make_config(tmp_path)
+        )
+
+
+def test_trl_version_outside_the_supported_range_fails_fast():
+    check_trl_version("1.16.0")
+    check_trl_version("1.16.3")
+    for version in ("1.15.2", "1.17.0", "2.0.0"):
+        with pytest.raises(ImportError, match=rf"supports trl{SUPPORTED_TRL} but found trl {version}"):
+            check_trl_version(version)

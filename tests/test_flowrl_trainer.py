@@ -1,0 +1,369 @@
+"""FlowRLTrainer end to end on the tiny local model: training, the log Z head, checkpoints, PEFT, metrics."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from trl_flowrl import FlowRLConfig, FlowRLTrainer
+from trl_flowrl.flowrl.flowrl_trainer import LOG_Z_STATE_NAME
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def count_digits(completions, **kwargs):
+    """A deterministic reward that a random tiny model earns now and then (about a quarter of its completions)."""
+    return [float(any(ch.isdigit() for ch in c[0]["content"])) for c in completions]
+
+
+def constant_reward(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def make_trainer(model_path, output_dir, dataset, reward=count_digits, **config_kwargs):
+    config = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        seed=0,
+    )
+    config.update(config_kwargs)
+    return FlowRLTrainer(model=model_path, reward_funcs=reward, args=FlowRLConfig(**config), train_dataset=dataset)
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+GRPO_SCRIPT = """
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+
+def reward_digits(completions, **kwargs):
+    return [float(sum(ch.isdigit() for ch in c[0]["content"])) for c in completions]
+
+
+dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)])
+args = GRPOConfig(
+    output_dir=OUTPUT_DIR, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2,
+    logging_steps=1, use_cpu=True, bf16=False, report_to="none",
+)
+trainer = GRPOTrainer(model=MODEL_PATH, reward_funcs=reward_digits, args=args, train_dataset=dataset)
+trainer.train()
+"""
+
+
+def test_grpo_script_runs_with_only_the_class_names_changed(tiny_model_path, tmp_path):
+    flowrl_script = (
+        GRPO_SCRIPT.replace("from trl import", "from trl_flowrl import")
+        .replace("GRPOConfig", "FlowRLConfig")
+        .replace("GRPOTrainer", "FlowRLTrainer")
+    )
+    for name, script in [("grpo", GRPO_SCRIPT), ("flowrl", flowrl_script)]:
+        namespace = {"MODEL_PATH": tiny_model_path, "OUTPUT_DIR": str(tmp_path / name)}
+        exec(compile(script, f"<{name} script>", "exec"), namespace)
+        assert namespace["trainer"].state.global_step == 2
+    trainer = namespace["trainer"]
+    assert isinstance(trainer, FlowRLTrainer)
+    for key in [
+        "flowrl/log_z/mean",
+        "flowrl/log_z/std",
+        "flowrl/residual/mean",
+        "flowrl/residual/abs_mean",
+        "flowrl/importance_weight/mean",
+        "flowrl/importance_weight/max",
+        "flowrl/importance_weight/clip_fraction",
+        "flowrl/logp_gap/mean",
+    ]:
+        assert len(logged(trainer, key)) == 2, key
+    assert "kl" not in trainer.state.log_history[0]  # beta is the reward scale, no KL term
+
+
+def test_log_z_head_learns_the_partition_function(tiny_model_path, tmp_path):
+    # One prompt and a constant raw reward of 1: the residual is log Z(x) + (lp - lp_ref) - beta, with lp = lp_ref while
+    # the policy is frozen (learning_rate=0), so only the head can shrink it, from about beta = 15 toward 0.
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": "1+1="}]}] * 16)
+    trainer = make_trainer(
+        tiny_model_path,
+        tmp_path,
+        dataset,
+        reward=constant_reward,
+        reward_in_residual="reward",
+        learning_rate=0.0,
+        log_z_learning_rate=0.05,
+        lr_scheduler_type="constant",
+        max_steps=12,
+    )
+    trainer.train()
+    residuals = logged(trainer, "flowrl/residual/abs_mean")
+    assert residuals[0] == pytest.approx(15.0, abs=2.0)
+    assert residuals[-1] < 0.5 * residuals[0]
+    assert logged(trainer, "flowrl/logp_gap/mean")[-1] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_checkpoint_resume_reproduces_an_uninterrupted_run(tiny_model_path, tmp_path, arithmetic_dataset):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    full = make_trainer(tiny_model_path, tmp_path / "full", arithmetic_dataset, **common)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / LOG_Z_STATE_NAME).is_file()
+
+    resumed = make_trainer(tiny_model_path, tmp_path / "resumed", arithmetic_dataset, **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert resumed.state.global_step == 4
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"policy parameter {name} differs")
+    for (name, a), b in zip(full.log_z_head.state_dict().items(), resumed.log_z_head.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"log Z head parameter {name} differs")
+    full_opt, resumed_opt = full.log_z_optimizer.state_dict()["state"], resumed.log_z_optimizer.state_dict()["state"]
+    assert full_opt.keys() == resumed_opt.keys() and len(full_opt) > 0
+    for index in full_opt:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(full_opt[index][key], resumed_opt[index][key])
+    assert full.log_z_scheduler.state_dict() == resumed.log_z_scheduler.state_dict()
+    # The head was trained: it is not the seeded initial head any more
+    initial = make_trainer(tiny_model_path, tmp_path / "initial", arithmetic_dataset)
+    assert not torch.equal(initial.log_z_head.net[0].weight, full.log_z_head.net[0].weight)
+
+
+def test_saved_model_has_no_log_z_tensors_and_loads_cleanly(tiny_model_path, tmp_path, arithmetic_dataset):
+    trainer = make_trainer(tiny_model_path, tmp_path / "run", arithmetic_dataset, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), framework="pt") as f:
+        saved_keys = set(f.keys())
+    reference_keys = set(AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict())
+    reference_keys.discard("lm_head.weight")  # tied to the embeddings, not stored
+    assert saved_keys == reference_keys
+    model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    trainer.create_model_card()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "FlowRL" in card and "2509.15207" in card
+    assert "flowrl" in trainer.model.model_tags
+
+
+def test_peft_lora_run_trains(tiny_model_path, tmp_path, arithmetic_dataset):
+    from peft import LoraConfig
+
+    config = FlowRLConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+    )
+    trainer = FlowRLTrainer(
+        model=tiny_model_path,
+        reward_funcs=count_digits,
+        args=config,
+        train_dataset=arithmetic_dataset,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    assert trainer.ref_model is None  # the reference is the model with its adapter disabled
+    head_before = trainer.log_z_head.net[-1].weight.detach().clone()
+    trainer.train()
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero
+    assert not torch.equal(head_before, trainer.log_z_head.net[-1].weight)
+    assert len(logged(trainer, "flowrl/logp_gap/mean")) == 2
+
+
+def test_several_optimizer_steps_per_generation_use_importance_weights(tiny_model_path, tmp_path, arithmetic_dataset):
+    # Two optimizer steps per generation batch: the second step trains on samples of the previous policy, so TRL
+    # provides old log-probs and the sequence weight moves away from 1.
+    trainer = make_trainer(
+        tiny_model_path, tmp_path, arithmetic_dataset, steps_per_generation=2, learning_rate=1e-2, max_steps=2
+    )
+    trainer.train()
+    weights = logged(trainer, "flowrl/importance_weight/mean")
+    assert weights[0] == pytest.approx(1.0, abs=1e-4)
+    assert abs(weights[1] - 1.0) > 1e-3
+
+
+def prepared_batch(trainer, dataset):
+    """One generation batch, scored and ready for `_compute_loss`, the way `_prepare_inputs` builds it."""
+    trainer.model.train()
+    rows = [dataset[i] for i in range(trainer.args.per_device_train_batch_size // trainer.num_generations)]
+    rows = [row for row in rows for _ in range(trainer.num_generations)]
+    return trainer._generate_and_score_completions(rows)
+
+
+def test_gradient_accumulation_gives_the_full_batch_gradient(tiny_model_path, tmp_path, arithmetic_dataset):
+    # The same 8 completions trained as one micro-batch, or as two of 4 with gradient accumulation, must give the same
+    # gradients, for the policy and for the head.
+    grads = {}
+    for name, per_device, accumulation in [("one", 8, 1), ("two", 4, 2)]:
+        trainer = make_trainer(
+            tiny_model_path,
+            tmp_path / name,
+            arithmetic_dataset,
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            max_grad_norm=0.0,
+            log_z_dropout=0.0,
+        )
+        captured = {}
+        original_step = trainer._log_z_optimizer_step
+
+        def capture_then_step(trainer=trainer, captured=captured, original_step=original_step):
+            captured["head"] = [p.grad.clone() for p in trainer.log_z_head.parameters()]
+            captured["policy"] = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+            original_step()
+
+        trainer._log_z_optimizer_step = capture_then_step
+        trainer.train()
+        grads[name] = captured
+    for a, b in zip(grads["one"]["head"], grads["two"]["head"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert len(grads["one"]["policy"]) == len(grads["two"]["policy"]) > 0
+    for a, b in zip(grads["one"]["policy"], grads["two"]["policy"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_vllm_importance_sampling_correction_weights_each_sequence(tiny_model_path, tmp_path, arithmetic_dataset):
+    from trl_flowrl.flowrl import trajectory_balance_terms
+
+    trainer = make_trainer(tiny_model_path, tmp_path, arithmetic_dataset, log_z_dropout=0.0)
+    batch = prepared_batch(trainer, arithmetic_dataset)
+    trainer.model.eval()  # eval mode: no accumulation scaling, deterministic head
+    base = trainer._compute_loss(trainer.model, batch).item()
+
+    # The keys TRL's vLLM path adds; a sequence-level ratio (TRL's default mode) scales each sequence's term.
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+    mask = batch["completion_mask"]
+    batch["sampling_per_token_logps"] = torch.zeros_like(mask, dtype=torch.float32)
+    batch["importance_sampling_ratio"] = torch.full((mask.size(0), 1), 0.5)
+    assert trainer._compute_loss(trainer.model, batch).item() == pytest.approx(0.5 * base, rel=1e-5)
+
+    # A token-level ratio is multiplied over each sequence's tokens.
+    batch["importance_sampling_ratio"] = torch.full(mask.shape, 1.01)
+    per_sequence = trainer._sequence_sampling_ratio(batch, mask)
+    torch.testing.assert_close(per_sequence, 1.01 ** mask.sum(dim=1).float())
+    with trainer._capture_prompt_representation(trainer.model, batch["prompt_mask"]) as pooled:
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], mask], dim=1),
+            batch["completion_ids"].size(1),
+        )
+    expected = trajectory_balance_terms(
+        log_z=trainer.log_z_head(torch.cat(pooled)),
+        per_token_logps=logps,
+        ref_per_token_logps=batch["ref_per_token_logps"],
+        old_per_token_logps=None,
+        advantages=batch["advantages"],
+        completion_mask=mask,
+        beta=trainer.args.beta,
+        sampling_ratio=per_sequence,
+    ).loss
+    assert trainer._compute_loss(trainer.model, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_unscorable_completions_are_left_out(tiny_model_path, tmp_path, arithmetic_dataset):
+    def sometimes_none(completions, **kwargs):
+        return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+    trainer = make_trainer(tiny_model_path, tmp_path, arithmetic_dataset, reward=sometimes_none, max_steps=1)
+    batch = prepared_batch(trainer, arithmetic_dataset)
+    assert torch.isnan(batch["rewards"][1::2]).all() and not torch.isnan(batch["rewards"][::2]).any()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, batch)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.multiprocess
+def test_ddp_ranks_end_with_identical_heads(tiny_model_path, tmp_path):
+    script = tmp_path / "ddp_flowrl.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            tiny_model_path,
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert states[0]["world_size"] == states[1]["world_size"] == 2
+    for name, tensor in states[0]["head"].items():
+        assert torch.equal(tensor, states[1]["head"][name]), name
+    assert not torch.equal(states[0]["head"]["net.0.weight"], states[0]["initial_head"]["net.0.weight"])
+    for name, tensor in states[0]["policy"].items():
+        assert torch.equal(tensor, states[1]["policy"][name]), name
+    summary = json.loads((tmp_path / "rank0.json").read_text())
+    assert summary["global_step"] == 3
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+from datasets import Dataset
+from trl_flowrl import FlowRLConfig, FlowRLTrainer
+
+model_path, out = sys.argv[1], sys.argv[2]
+
+
+def count_digits(completions, **kwargs):
+    return [float(any(ch.isdigit() for ch in c[0]["content"])) for c in completions]
+
+
+dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)])
+args = FlowRLConfig(
+    output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=3,
+    learning_rate=1e-2, logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, report_to="none",
+)
+trainer = FlowRLTrainer(model=model_path, reward_funcs=count_digits, args=args, train_dataset=dataset)
+initial_head = {k: v.clone() for k, v in trainer.log_z_head.state_dict().items()}
+trainer.train()
+rank = trainer.accelerator.process_index
+torch.save(
+    {
+        "world_size": trainer.accelerator.num_processes,
+        "head": trainer.log_z_head.state_dict(),
+        "initial_head": initial_head,
+        "policy": trainer.accelerator.unwrap_model(trainer.model).state_dict(),
+    },
+    f"{out}/rank{rank}.pt",
+)
+if rank == 0:
+    json.dump({"global_step": trainer.state.global_step}, open(f"{out}/rank0.json", "w"))
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
+"""
