@@ -31,7 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from . import metrics
-from .benchmarks import Benchmark, load_benchmark, problem_id, prompt_text
+from .benchmarks import DEFAULT_MAX_NEW_TOKENS, Benchmark, load_benchmark, problem_id, prompt_text
 from .generation import Sample, load_generator
 from .judge import JudgeClient, JudgeConfig
 
@@ -217,8 +217,10 @@ def _file_name(label: str) -> str:
 
 
 def _environment() -> dict[str, str | None]:
-    env = {"python": platform.python_version()}
-    for package in ("trl-flowrl", "trl", "transformers", "torch", "vllm"):
+    from trl_flowrl import __version__
+
+    env = {"python": platform.python_version(), "trl-flowrl": __version__}
+    for package in ("trl", "transformers", "torch", "vllm"):
         try:
             env[package] = version(package)
         except PackageNotFoundError:
@@ -330,7 +332,7 @@ def evaluate(
         results["models"][label] = entry
         try:
             for benchmark in loaded:
-                length = max_new_tokens or benchmark.max_new_tokens or 8192
+                length = max_new_tokens or benchmark.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
                 start = time.perf_counter()
                 samples = generator.generate(
                     benchmark.prompts,
