@@ -15,6 +15,7 @@ the parent) and shut down at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -116,15 +117,11 @@ class WorkerPool:
         slot.buffer = b""
         if proc is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             proc.kill()
-        except OSError:
-            pass
         for stream in (proc.stdin, proc.stdout):
-            try:
+            with contextlib.suppress(OSError):
                 stream.close()
-            except OSError:
-                pass
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
