@@ -179,8 +179,11 @@ class LocalSandbox:
         root = os.geteuid() == 0
         if root:
             self._cgroups = _make_pids_cgroups(self.max_concurrency, self.limits.max_processes + 2)
-        if self.requested_isolation != "auto":
-            candidates = [(self.requested_isolation, root and self.requested_isolation != "userns")]
+        if self.requested_isolation == "none" and root:
+            # Rather an unprivileged uid, but `none` as root falls back to running the program as root.
+            candidates = [("none", True), ("none", False)]
+        elif self.requested_isolation != "auto":
+            candidates = [(self.requested_isolation, root and self.requested_isolation == "namespaces")]
         elif root:
             candidates = [("namespaces", True), ("userns", False), ("none", True)]
         else:
@@ -203,7 +206,11 @@ class LocalSandbox:
                                 else "fork bombs bounded only by the pid namespace and the timeout"
                             ),
                             "none": "NO network, file-system or process isolation, only rlimits"
-                            + (" and an unprivileged uid" if drop else ""),
+                            + (
+                                " and an unprivileged uid"
+                                if drop
+                                else (", and the program runs AS ROOT" if root else "")
+                            ),
                         }[mode],
                     )
                 return mode, drop
