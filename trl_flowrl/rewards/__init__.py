@@ -10,6 +10,7 @@
 from .code_reward import CodeReward, TestReport, extract_code, normalize_tests, run_tests
 from .code_sandbox import CodeExecutor, ExecutionResult, LocalSandbox, SandboxLimits
 from .math_reward import MathAccuracyReward, MathGrade, MathVerifier, Outcome, extract_answer
+from .remote_executor import SandboxFusionExecutor
 
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "MathGrade",
     "MathVerifier",
     "Outcome",
+    "SandboxFusionExecutor",
     "SandboxLimits",
     "TestReport",
     "extract_answer",
