@@ -11,6 +11,7 @@ import pytest
 
 from trl_flowrl.rewards import CodeReward, ExecutionResult, LocalSandbox, SandboxLimits, extract_code, normalize_tests
 from trl_flowrl.rewards.code_reward import run_tests, stdout_matches, values_equal
+from trl_flowrl.rewards.code_sandbox import _remove_cgroups
 
 
 TIMEOUT = 2.0
@@ -399,3 +400,18 @@ def test_namespaces_mode_with_a_world_readable_python():
         ).passed
         == 0
     )
+
+
+def test_sandbox_works_in_a_forked_child_and_leaves_the_parent_working(sandbox):
+    assert sandbox.run("print(1)").status == "ok"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if sandbox.run("print(2)").stdout.strip() == "2" else 1
+        finally:
+            _remove_cgroups(sandbox._cgroups)  # what atexit does, which os._exit skips
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sandbox.run("print(3)").stdout.strip() == "3"  # the child's exit removed none of our cgroups

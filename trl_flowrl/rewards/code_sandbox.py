@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import queue
+import select
 import selectors
 import shutil
 import signal
@@ -159,6 +160,7 @@ class LocalSandbox:
         self._mode: tuple[str, bool] | None = None
         self._mode_lock = threading.Lock()
         self._cgroups: list[str | None] = [None] * max_concurrency
+        self._cgroups_pid = os.getpid()
 
     # -- isolation detection -------------------------------------------------------------------------------------
 
@@ -179,6 +181,7 @@ class LocalSandbox:
         root = os.geteuid() == 0
         if root:
             self._cgroups = _make_pids_cgroups(self.max_concurrency, self.limits.max_processes + 2)
+            self._cgroups_pid = os.getpid()
         if self.requested_isolation == "none" and root:
             # Rather an unprivileged uid, but `none` as root falls back to running the program as root.
             candidates = [("none", True), ("none", False)]
@@ -258,6 +261,15 @@ class LocalSandbox:
         finally:
             shutil.rmtree(workdir, onerror=_force_remove)
 
+    def _slot_cgroup(self, slot: int) -> str | None:
+        if self._cgroups[0] is not None and self._cgroups_pid != os.getpid():
+            # A forked child gets cgroups of its own: the parent's are counted, and removed, by the parent.
+            with self._mode_lock:
+                if self._cgroups_pid != os.getpid():
+                    self._cgroups = _make_pids_cgroups(self.max_concurrency, self.limits.max_processes + 2)
+                    self._cgroups_pid = os.getpid()
+        return self._cgroups[slot]
+
     def _execute(self, isolation, uid, gid, slot, workdir, stdin, fetch, timeout_s) -> ExecutionResult:
         limits = self.limits
         cpu = max(1, int(timeout_s + 0.999))
@@ -280,7 +292,7 @@ class LocalSandbox:
             "gid": gid,
             "rlimits": rlimits,
             "argv": [self.python, "-I", "-B", "main.py"],
-            "cgroup": self._cgroups[slot] if slot < len(self._cgroups) else None,
+            "cgroup": self._slot_cgroup(slot),
             "env": env,
         }
         start = time.monotonic()
@@ -343,9 +355,12 @@ class _Run:
 
     def kill(self) -> None:
         if self.init_pidfd is not None:
-            # Killing a pid namespace's init kills every process in it, whatever session it moved to.
+            # Killing a pid namespace's init kills every process in it, whatever session it moved to. Its pidfd
+            # becomes readable once it has exited, which happens after every other process of the namespace is gone,
+            # so the slot (and its pids cgroup) is free when the next program starts.
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+                select.select([self.init_pidfd], [], [], 10.0)
         with contextlib.suppress(OSError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
@@ -437,11 +452,13 @@ def _make_pids_cgroups(count: int, max_tasks: int) -> list[str | None]:
     except OSError:
         _remove_cgroups(paths)
         return [None] * count
-    atexit.register(_remove_cgroups, list(paths))
+    atexit.register(_remove_cgroups, list(paths), os.getpid())
     return paths
 
 
-def _remove_cgroups(paths) -> None:
+def _remove_cgroups(paths, owner: int | None = None) -> None:
+    if owner is not None and owner != os.getpid():  # a forked child must not remove its parent's cgroups
+        return
     for path in paths:
         with contextlib.suppress(OSError):
             os.rmdir(path)
