@@ -370,36 +370,65 @@ def test_run_results_and_fetched_files(sandbox):
         sandbox.run("print(1)", files={"../escape.py": "x"})
 
 
-@pytest.mark.parametrize("mode", ["userns", "none"])
-def test_other_isolation_modes_run_programs(mode):
-    sandbox = LocalSandbox(SandboxLimits(timeout_s=TIMEOUT), isolation=mode)
+def _mode_sandbox(mode: str) -> LocalSandbox:
+    python = None
+    if mode == "namespaces":  # needs an interpreter an unprivileged uid can read
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        if os.geteuid() != 0 or python is None:
+            pytest.skip("namespaces mode needs root and a system python3")
+    sandbox = LocalSandbox(SandboxLimits(timeout_s=TIMEOUT, max_processes=16), isolation=mode, python=python)
     try:
         assert sandbox.isolation == mode
     except RuntimeError as exc:
         pytest.skip(f"{mode} isolation unavailable here: {exc}")
-    report = run_tests(ADD_OK, ADD_TESTS, sandbox, timeout_per_test=TIMEOUT)
-    assert report.all_passed
-    assert sandbox.run("while True: pass", timeout_s=1).status == "timeout"
+    return sandbox
 
 
-def test_namespaces_mode_with_a_world_readable_python():
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if os.geteuid() != 0 or python is None:
-        pytest.skip("needs root and a system python3")
-    sandbox = LocalSandbox(SandboxLimits(timeout_s=TIMEOUT), isolation="namespaces", python=python)
+@pytest.mark.parametrize("mode", ["namespaces", "bwrap", "userns"])
+def test_core_protections_in_every_available_mode(mode, tmp_path, monkeypatch):
+    sandbox = _mode_sandbox(mode)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("original")
+    secret = secrets.token_hex(8)
+    monkeypatch.setenv("TRL_FLOWRL_TEST_SECRET", secret)
+    hostile = f"""
+import os, signal, socket, glob
+for action in (
+    lambda: open({str(victim)!r}, "w").write("pwned"),
+    lambda: socket.create_connection(("1.1.1.1", 80), timeout=1),
+    lambda: os.kill({os.getpid()}, signal.SIGKILL),
+):
     try:
-        assert sandbox.isolation == "namespaces"
-    except RuntimeError as exc:
-        pytest.skip(f"namespaces unavailable here: {exc}")
+        action()
+        print("escaped")
+    except OSError:
+        pass
+for path in glob.glob("/proc/*/environ"):
+    try:
+        print(open(path, "rb").read())
+    except OSError:
+        pass
+"""
+    result = sandbox.run(hostile)
+    assert result.status == "ok", result
+    assert "escaped" not in result.stdout and secret not in result.stdout
+    assert victim.read_text() == "original"
+    report = run_tests(HOSTILE["fork_bomb"], SUM_TESTS, sandbox, timeout_per_test=TIMEOUT, stop_at_first_failure=True)
+    assert report.passed == 0 and report.timed_out
+    assert run_tests(SUM_OK, SUM_TESTS, sandbox, timeout_per_test=TIMEOUT).all_passed
+    assert run_tests(ADD_OK, ADD_TESTS, sandbox, timeout_per_test=TIMEOUT).all_passed
+
+
+def test_namespaces_mode_drops_to_the_slot_uid():
+    sandbox = _mode_sandbox("namespaces")
     result = sandbox.run("import os\nprint(os.getuid(), os.getpid())")
     assert result.status == "ok" and result.stdout.split() == [str(sandbox.uid_base), "1"]
-    assert run_tests(SUM_OK, SUM_TESTS, sandbox, timeout_per_test=TIMEOUT).all_passed
-    assert (
-        run_tests(
-            HOSTILE["fork_bomb"], SUM_TESTS, sandbox, timeout_per_test=TIMEOUT, stop_at_first_failure=True
-        ).passed
-        == 0
-    )
+
+
+def test_none_mode_still_runs_programs_with_limits():
+    sandbox = _mode_sandbox("none")
+    assert run_tests(ADD_OK, ADD_TESTS, sandbox, timeout_per_test=TIMEOUT).all_passed
+    assert sandbox.run("while True: pass", timeout_s=1).status == "timeout"
 
 
 def test_sandbox_works_in_a_forked_child_and_leaves_the_parent_working(sandbox):

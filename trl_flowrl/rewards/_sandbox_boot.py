@@ -10,7 +10,8 @@ Isolation modes:
   work directory; a fresh /proc; then the program runs as an unprivileged per-slot uid with no supplementary groups.
 - `userns` (run as any user): the same inside a new user namespace, the caller's uid mapped to 1000, so the program
   starts with no capabilities and cannot undo the read-only mounts.
-- `none`: resource limits, a new session and (as root) the uid drop only.
+- `none`: resource limits, a new session and (as root) the uid drop only. `LocalSandbox` also uses it to start
+  bubblewrap (`bwrap`), which then sets up the namespaces itself.
 """
 
 import contextlib
@@ -26,7 +27,7 @@ CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000,
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE = 1024, 2048, 4096, 16384, 1 << 18
 MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 38, 36
 _FLAG_OF_OPTION = {
     "nosuid": MS_NOSUID,
     "nodev": MS_NODEV,
@@ -88,6 +89,32 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def _reap_wrapper(fd: int, cfg: dict) -> None:
+    """Run the wrapper (bwrap) as a child and stay as its subreaper until every descendant is reaped.
+
+    Orphans of the wrapper would otherwise wait for the host's init to reap them, holding the slot's pids cgroup.
+    Returns only in the child, which then execs the wrapper.
+    """
+    _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "child subreaper")
+    pid = os.fork()
+    if pid == 0:
+        return
+    os.close(fd)
+    # The parent's way to kill the run: SIGTERM here kills the wrapper, whose sandbox then dies with it, and this
+    # process stays to reap everything (a SIGKILL of this process would leave the orphans to the host's init).
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+    code = 1
+    while True:
+        try:
+            reaped, status = os.wait()
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(code)
+        if reaped == pid:
+            code = _exit_code(status)
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     fd, mode, workdir = cfg["status_fd"], cfg["isolation"], cfg["workdir"]
@@ -136,13 +163,16 @@ def main() -> None:
             os.setgroups([])
             os.setgid(cfg["gid"])
             os.setuid(cfg["uid"])
-        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        if not cfg.get("wrapped"):  # a set-uid bwrap must keep its privileges; it sets no_new_privs itself
+            _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
         os.chdir(workdir)
         os.umask(0o077)
     except OSError as exc:
         _report(fd, f"ERR {exc}")
         os._exit(1)
+    if cfg.get("wrapped"):
+        _reap_wrapper(fd, cfg)
     _report(fd, "EXEC")
     argv = cfg["argv"]
     try:

@@ -3,34 +3,47 @@
 `LocalSandbox.run(code, stdin, files, fetch, timeout_s)` runs `code` as `main.py` in a fresh subprocess, in a fresh
 temporary directory that is deleted afterwards, and returns an `ExecutionResult`. Every run gets:
 
-- resource limits (setrlimit): CPU time, address space, file size, open files, processes (per-slot uid, as root);
+- resource limits (setrlimit): CPU time, address space, file size, open files; a process cap (RLIMIT_NPROC under a
+  per-slot uid, and, as root, a pids cgroup per slot);
 - a scrubbed environment (no variable of the trainer's process reaches the program) and `python -I`;
 - a new session, a hard SIGKILL of the whole process tree at the wall-clock timeout, and capped stdout/stderr;
 - at most `max_concurrency` programs at once (the others wait);
-- where the OS allows it (detected at run time, with a logged warning naming what is missing when it does not):
-  new mount, pid and network namespaces, every mount read-only except the work directory, a fresh /proc, no network
-  (not even loopback), and, as root, an unprivileged uid per concurrent slot.
+- where the OS allows it (detected at run time, strongest first, with a logged warning naming what is missing):
+  new mount, pid and network namespaces, every mount read-only except the work directory, a fresh /proc (the
+  trainer's processes and their environments are invisible), no network (not even loopback), no capabilities.
+
+Isolation modes (`isolation="auto"` picks the first that works):
+- `namespaces` (root): the above, the program running as an unprivileged uid per slot. Needs the interpreter and its
+  packages to be readable by that uid (a Python under /root is not; the mode is then skipped).
+- `bwrap` (bubblewrap installed): the same namespaces set up by bwrap; the program keeps the caller's uid, with no
+  capabilities.
+- `userns`: the same namespaces in an unprivileged user namespace; the program keeps the caller's uid (mapped), with
+  no capabilities.
+- `none`: only rlimits, the session, the scrubbed environment and (as root) the uid drop.
 
 What this sandbox does NOT protect against:
 - kernel exploits: the program shares the host kernel (namespaces are not a VM); use the remote executor, a container
   or a VM for code you believe to be actively malicious rather than merely buggy or reward-hacking;
-- reading files: the whole file system stays readable (read-only), subject to the program's uid (as root the program
-  runs as an unprivileged uid; in `userns` and `none` modes it reads what the trainer's user can read);
-- CPU and memory contention between the sandbox and the trainer (no cgroups): limits are per process, so a program
-  may use up to `max_processes x memory_mb` and several cores until its timeout;
-- in `userns` mode, fork bombs are bounded by the pid namespace and the timeout only (RLIMIT_NPROC would count the
-  trainer's own threads), and in `none` mode nothing stops network access, writes where the user may write, or
-  processes that leave the session before the timeout kill;
+- reading files: the whole file system stays readable (read-only), subject to the program's uid: in `bwrap`,
+  `userns` and `none` modes it can read whatever the trainer's user can (e.g. a hub token in the home directory);
+- CPU and memory contention with the trainer: memory is limited per process (`memory_mb` each, up to the process
+  cap), CPU time per process, and nothing reserves cores for the trainer;
+- fork bombs where there is no process cap: in `bwrap`/`userns` modes without root (no pids cgroup) they are bounded
+  only by the pid namespace teardown at the timeout; RLIMIT_NPROC is not used there, as it would count the trainer's
+  own threads;
+- anything in `none` mode beyond the limits: network access, writes wherever the user may write, reading other
+  processes' environments, processes that leave the session before the timeout kill;
 - programs that attack the test harness from inside: in the function-call and assert styles the program shares its
   interpreter with the harness. Expected outputs of function-call tests never enter the sandbox (results are
-  compared in the trainer's process), but an assert-style test (HumanEval+) runs its expected values in-process
-  and a program written to introspect the harness's frames could forge a pass.
+  compared in the trainer's process), but an assert-style test (HumanEval+) carries its expected values into the
+  sandbox, and a program written to read them or to introspect the harness's frames could forge a pass.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -52,7 +65,7 @@ from typing import Protocol
 logger = logging.getLogger(__name__)
 
 _BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_boot.py")
-ISOLATION_MODES = ("auto", "namespaces", "userns", "none")
+ISOLATION_MODES = ("auto", "namespaces", "bwrap", "userns", "none")
 _STATUSES = ("ok", "error", "timeout", "output_limit", "sandbox_error")
 
 
@@ -188,14 +201,16 @@ class LocalSandbox:
         elif self.requested_isolation != "auto":
             candidates = [(self.requested_isolation, root and self.requested_isolation == "namespaces")]
         elif root:
-            candidates = [("namespaces", True), ("userns", False), ("none", True)]
+            candidates = [("namespaces", True), ("bwrap", False), ("userns", False), ("none", True)]
         else:
-            candidates = [("userns", False), ("none", False)]
+            candidates = [("bwrap", False), ("userns", False), ("none", False)]
+        if shutil.which("bwrap") is None and self.requested_isolation == "auto":
+            candidates = [c for c in candidates if c[0] != "bwrap"]
         failures = []
         for mode, drop in candidates:
             result = self._run_with_mode((mode, drop), 0, "print(6 * 7)", "", {}, (), 30.0)
             if result.status == "ok" and result.stdout.strip() == "42":
-                if mode != "namespaces":
+                if mode not in ("namespaces", "bwrap"):
                     logger.warning(
                         "Code sandbox runs in %r isolation (%s): %s. See trl_flowrl.rewards.code_sandbox for what "
                         "this does not protect against.",
@@ -283,15 +298,19 @@ class LocalSandbox:
             "RLIMIT_NPROC": limits.max_processes if uid is not None else None,
         }
         env = _clean_env(workdir)
+        argv = [self.python, "-I", "-B", "main.py"]
+        if isolation == "bwrap":
+            argv = _bwrap_command(workdir, env) + argv
         status_r, status_w = os.pipe()
         config = {
             "status_fd": status_w,
-            "isolation": isolation,
+            "isolation": "none" if isolation == "bwrap" else isolation,
+            "wrapped": isolation == "bwrap",
             "workdir": workdir,
             "uid": uid,
             "gid": gid,
             "rlimits": rlimits,
-            "argv": [self.python, "-I", "-B", "main.py"],
+            "argv": argv,
             "cgroup": self._slot_cgroup(slot),
             "env": env,
         }
@@ -312,7 +331,7 @@ class LocalSandbox:
             return ExecutionResult("sandbox_error", detail=f"cannot start the sandbox: {exc}")
         finally:
             os.close(status_w)
-        run = _Run(proc, status_r, limits.max_output_bytes)
+        run = _Run(proc, status_r, limits.max_output_bytes, self._slot_cgroup(slot), wrapped=isolation == "bwrap")
         try:
             outcome = run.communicate(stdin.encode(), start + timeout_s)
         finally:
@@ -332,8 +351,9 @@ class LocalSandbox:
 class _Run:
     """Feeds stdin, collects capped stdout/stderr and the start-up status, and kills the tree at the deadline."""
 
-    def __init__(self, proc: subprocess.Popen, status_fd: int, max_output: int):
-        self.proc, self.status_fd, self.max_output = proc, status_fd, max_output
+    def __init__(self, proc, status_fd: int, max_output: int, cgroup: str | None = None, wrapped: bool = False):
+        self.proc, self.status_fd, self.max_output, self.cgroup = proc, status_fd, max_output, cgroup
+        self.wrapped = wrapped
         self.out = {1: b"", 2: b""}
         self.status_buffer = b""
         self.init_pidfd: int | None = None
@@ -361,8 +381,21 @@ class _Run:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
                 select.select([self.init_pidfd], [], [], 10.0)
+        if self.wrapped and self.exec_started and self.proc.poll() is None:
+            # The bootstrap kills bwrap on SIGTERM and reaps the sandbox's orphans; SIGKILL it only if it hangs.
+            with contextlib.suppress(OSError):
+                self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5.0)
         with contextlib.suppress(OSError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def wait_until_empty(self) -> None:
+        """Without a pidfd (bwrap), wait for the slot's cgroup to empty (after the bootstrap was reaped)."""
+        if self.cgroup is not None:
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and _cgroup_tasks(self.cgroup) > 0:
+                time.sleep(0.01)
 
     def communicate(self, stdin: bytes, deadline: float) -> str | None:
         """Returns `"timeout"` or `"output_limit"` if the run was killed for it, else None once it has exited."""
@@ -419,6 +452,7 @@ class _Run:
             proc.wait()
         # Pipes closed but a background child of the program still alive: the tree goes at the end of the run.
         self.kill()
+        self.wait_until_empty()
         return verdict
 
     def close(self) -> None:
@@ -433,6 +467,25 @@ class _Run:
 
 
 _CGROUP_V1_PIDS = "/sys/fs/cgroup/pids"
+_cgroup_ids = itertools.count()
+
+
+def _cgroup_tasks(path: str) -> int:
+    try:
+        with open(os.path.join(path, "pids.current")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def _bwrap_command(workdir: str, env: dict[str, str]) -> list[str]:
+    """bubblewrap: new user/pid/net/ipc/uts namespaces, / read-only, the work dir writable, no capabilities."""
+    command = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session", "--unshare-all"]
+    command += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--bind", workdir, workdir]
+    command += ["--chdir", workdir, "--clearenv"]
+    for key, value in env.items():
+        command += ["--setenv", key, value]
+    return command + ["--"]
 
 
 def _make_pids_cgroups(count: int, max_tasks: int) -> list[str | None]:
@@ -444,7 +497,7 @@ def _make_pids_cgroups(count: int, max_tasks: int) -> list[str | None]:
     paths: list[str | None] = []
     try:
         for slot in range(count):
-            path = os.path.join(_CGROUP_V1_PIDS, f"trl-flowrl-sandbox-{os.getpid()}-{id(paths):x}-{slot}")
+            path = os.path.join(_CGROUP_V1_PIDS, f"trl-flowrl-sandbox-{os.getpid()}-{next(_cgroup_ids)}-{slot}")
             os.mkdir(path)
             paths.append(path)
             with open(os.path.join(path, "pids.max"), "w") as f:
