@@ -444,3 +444,30 @@ def test_sandbox_works_in_a_forked_child_and_leaves_the_parent_working(sandbox):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert sandbox.run("print(3)").stdout.strip() == "3"  # the child's exit removed none of our cgroups
+
+
+def test_reward_inside_a_grpo_trainer(tiny_model_path, reward, tmp_path):
+    import json
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    rows = [{"prompt": [{"role": "user", "content": "sum?"}], "tests": json.dumps(SUM_TESTS)} for _ in range(4)]
+    config = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        report_to="none",
+        logging_steps=1,
+    )
+    trainer = GRPOTrainer(
+        model=tiny_model_path, reward_funcs=[reward], args=config, train_dataset=Dataset.from_list(rows)
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["code_reward/no_code"] == 1.0  # a random tiny model writes no code block
+    assert logged["rewards/code_reward/mean"] == 0.0

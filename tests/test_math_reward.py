@@ -261,3 +261,26 @@ def test_reward_scores_and_metrics():
     assert extra["math_outcome"] == ["correct", "wrong", "no_answer", "timeout", "gold_unparseable"]
     assert extra["math_answer"][:2] == ["4", "5"]
     assert reward.__name__ == "math_accuracy"  # the name TRL logs the reward under
+
+
+def test_reward_inside_a_grpo_trainer(tiny_model_path, arithmetic_dataset, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    config = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        report_to="none",
+        logging_steps=1,
+    )
+    reward = MathAccuracyReward(**FAST)
+    trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=[reward], args=config, train_dataset=arithmetic_dataset)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    # A random tiny model writes no final answer: every completion is graded, none crashes the step.
+    assert logged["math_reward/no_answer"] + logged["math_reward/wrong"] + logged["math_reward/correct"] == 1.0
+    assert logged["rewards/math_accuracy/mean"] == logged["math_reward/correct"]
