@@ -1,0 +1,286 @@
+"""Math reward: equivalence by math-verify in killable workers, outcomes kept apart, both answer formats."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from trl_flowrl.rewards import MathAccuracyReward, MathVerifier, Outcome, extract_answer
+from trl_flowrl.rewards._procpool import WorkerPool, WorkerTimeout
+from trl_flowrl.rewards.math_reward import completion_text, gold_to_latex
+
+
+# Short math-verify timeouts keep the pathological cases fast; the hard deadline sits well above them.
+FAST = dict(parse_timeout=1, verify_timeout=1, hard_timeout=6)
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    return MathVerifier(**FAST)
+
+
+# -- extraction (pure) ---------------------------------------------------------------------------------------------
+
+
+def test_extract_boxed_takes_last_balanced_box():
+    assert extract_answer(r"first \boxed{1} then \boxed{\frac{a}{b}} done") == r"\frac{a}{b}"
+    assert extract_answer(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+    # An unclosed box (truncated completion) is ignored in favour of the last complete one.
+    assert extract_answer(r"\boxed{3} and then \boxed{\frac{1}{") == "3"
+    assert extract_answer(r"\fbox{7}") == "7"
+    assert extract_answer(r"\boxed{}") is None
+
+
+def test_extract_answer_line_dapo_format():
+    text = "Step 1 ...\nStep 2 ...\nAnswer: $\\frac{3}{4}$."
+    assert extract_answer(text, "answer_line") == r"\frac{3}{4}"
+    assert extract_answer("answer:  12 \n", "answer_line") == "12"
+    assert extract_answer("**Answer:** 5", "answer_line") == "5"
+    assert extract_answer(r"Answer: \boxed{9}", "answer_line") == "9"
+    assert extract_answer("no final line", "answer_line") is None
+    # In "boxed" mode an Answer line is not an answer, and the other way round.
+    assert extract_answer("Answer: 3", "boxed") is None
+    assert extract_answer(r"\boxed{3}", "answer_line") is None
+
+
+def test_extract_auto_takes_whichever_comes_last():
+    assert extract_answer("I guess \\boxed{3}.\nAnswer: 4") == "4"
+    assert extract_answer("Answer: 4 is wrong, so \\boxed{3}") == "3"
+    with pytest.raises(ValueError, match="answer_format"):
+        extract_answer("x", "latex")
+
+
+def test_gold_to_latex_and_completion_text():
+    assert gold_to_latex("34") == r"\boxed{34}"
+    assert gold_to_latex("$x^2$") == r"\boxed{x^2}"
+    assert gold_to_latex(r"\boxed{5}") == r"\boxed{5}"
+    assert completion_text("abc") == "abc"
+    assert completion_text([{"role": "assistant", "content": "xyz"}]) == "xyz"
+    with pytest.raises(TypeError):
+        completion_text(3)
+
+
+# -- equivalence ---------------------------------------------------------------------------------------------------
+
+
+EQUIVALENT = [
+    (r"so \boxed{\frac{2}{4}}", "1/2"),
+    (r"\boxed{0.5}", r"\frac{1}{2}"),
+    (r"\boxed{\frac12}", r"\frac{1}{2}"),
+    (r"\boxed{\dfrac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt{2}}"),
+    (r"\boxed{2\sqrt{3}}", r"\sqrt{12}"),
+    (r"\boxed{[1, 5)}", "[1,5)"),
+    (r"\boxed{(-\infty, 2]}", r"(-\infty,2]"),
+    (r"\boxed{\{3, 2, 1\}}", r"\{1,2,3\}"),
+    (r"\boxed{5\text{ cm}}", "5"),
+    (r"\boxed{12 \text{ meters}}", "12"),
+    ("Reasoning...\nAnswer: 34", "34"),
+    ("Reasoning...\nAnswer: $\\frac{7}{2}$", "3.5"),
+    ([{"role": "assistant", "content": r"It is \boxed{x^2+2x+1}"}], "(x+1)^2"),
+]
+
+NOT_EQUIVALENT = [
+    (r"\boxed{\frac{1}{3}}", "1/2"),
+    (r"\boxed{[1, 5]}", "[1,5)"),
+    (r"\boxed{\{1, 2\}}", r"\{1,2,3\}"),
+    (r"\boxed{2\sqrt{2}}", r"\sqrt{12}"),
+    ("Answer: 35", "34"),
+]
+
+
+def test_equivalent_forms_accepted(verifier):
+    completions = [completion_text(c) for c, _ in EQUIVALENT]
+    grades = verifier.grade(completions, [g for _, g in EQUIVALENT])
+    assert [g.outcome for g in grades] == [Outcome.CORRECT] * len(EQUIVALENT), grades
+
+
+def test_wrong_answers_rejected(verifier):
+    grades = verifier.grade([c for c, _ in NOT_EQUIVALENT], [g for _, g in NOT_EQUIVALENT])
+    assert [g.outcome for g in grades] == [Outcome.WRONG] * len(NOT_EQUIVALENT), grades
+
+
+def test_missing_answer_and_unparseable_gold_are_reported(verifier):
+    no_answer, bad_gold, empty_gold = verifier.grade(["I do not know.", r"\boxed{3}", r"\boxed{3}"], ["3", "???", ""])
+    assert no_answer.outcome is Outcome.NO_ANSWER
+    assert bad_gold.outcome is Outcome.GOLD_UNPARSEABLE and "???" in bad_gold.detail
+    assert empty_gold.outcome is Outcome.GOLD_UNPARSEABLE
+
+
+def test_answer_format_restricts_extraction():
+    boxed_only = MathVerifier(answer_format="boxed", **FAST)
+    assert boxed_only.grade_one("Answer: 3", "3").outcome is Outcome.NO_ANSWER
+    line_only = MathVerifier(answer_format="answer_line", **FAST)
+    assert line_only.grade_one(r"\boxed{3}", "3").outcome is Outcome.NO_ANSWER
+    assert line_only.grade_one("work\nAnswer: 3", "3").outcome is Outcome.CORRECT
+
+
+def test_invalid_configuration_fails_at_construction():
+    with pytest.raises(ValueError, match="answer_format"):
+        MathVerifier(answer_format="latex")
+    with pytest.raises(ValueError, match="whole number of seconds"):
+        MathVerifier(parse_timeout=0.5)
+    with pytest.raises(ValueError, match="num_workers"):
+        MathVerifier(num_workers=0)
+    with pytest.raises(ValueError, match="completions"):
+        MathVerifier().grade(["a", "b"], ["1"])
+
+
+# -- pathological input ----------------------------------------------------------------------------------------------
+
+PATHOLOGICAL = {
+    "deeply_nested": "\\boxed{" + "\\frac{1}{" * 400 + "2" + "}" * 400 + "}",
+    "enormous_sum": "\\boxed{" + "+".join(f"x^{{{i}}}" for i in range(20_000)) + "}",
+    "power_tower": r"\boxed{9^{9^{9^{9}}}}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_pathological_latex_times_out_within_bound(verifier, name):
+    gold = "3"
+    start = time.monotonic()
+    grade = verifier.grade_one(PATHOLOGICAL[name], gold)
+    elapsed = time.monotonic() - start
+    assert grade.outcome is Outcome.TIMEOUT, grade
+    assert elapsed < verifier.hard_timeout + 5
+    # The pool is still healthy: the next request is graded normally.
+    assert verifier.grade_one(r"\boxed{3}", "3").outcome is Outcome.CORRECT
+
+
+def test_hard_deadline_kills_the_worker_and_replaces_it():
+    # math-verify's own timeout (5 s) is longer than the hard deadline: only the kill can stop this one.
+    verifier = MathVerifier(parse_timeout=5, verify_timeout=5, hard_timeout=0.5, num_workers=1)
+    restarts = verifier.pool.restarts
+    start = time.monotonic()
+    grade = verifier.grade_one(PATHOLOGICAL["enormous_sum"], "3")
+    assert grade.outcome is Outcome.TIMEOUT and grade.detail.startswith("worker killed"), grade
+    assert time.monotonic() - start < 0.5 + 5
+    assert verifier.pool.restarts == restarts + 1
+    assert verifier.grade_one(r"\boxed{3}", "3").outcome is Outcome.CORRECT
+
+
+def test_pool_kills_a_hung_worker(tmp_path):
+    (tmp_path / "hang_worker.py").write_text(
+        textwrap.dedent(
+            """
+            import json, sys, time
+            print("{}", flush=True)
+            for line in sys.stdin:
+                request = json.loads(line)
+                time.sleep(request["sleep"])
+                print(json.dumps({"slept": request["sleep"]}), flush=True)
+            """
+        )
+    )
+    pool = WorkerPool("hang_worker", num_workers=1, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        assert pool.request({"sleep": 0}, deadline_s=30) == {"slept": 0}
+        start = time.monotonic()
+        with pytest.raises(WorkerTimeout):
+            pool.request({"sleep": 3600}, deadline_s=0.5)
+        assert time.monotonic() - start < 0.5 + 5
+        assert pool.request({"sleep": 0}, deadline_s=30) == {"slept": 0}
+        assert pool.restarts == 1
+    finally:
+        pool.close()
+
+
+# -- threads, processes, the TRL reward ------------------------------------------------------------------------------
+
+
+def test_worker_thread_gives_the_same_results_as_main_thread(verifier):
+    completions = [c for c, _ in EQUIVALENT + NOT_EQUIVALENT]
+    completions = [completion_text(c) for c in completions] + [PATHOLOGICAL["power_tower"]]
+    golds = [g for _, g in EQUIVALENT + NOT_EQUIVALENT] + ["3"]
+    main_thread = [g.outcome for g in verifier.grade(completions, golds)]
+    results = {}
+
+    def run(key):
+        results[key] = [g.outcome for g in verifier.grade(completions, golds)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results[0] == results[1] == main_thread
+    assert main_thread[-1] is Outcome.TIMEOUT
+
+
+def test_usable_from_a_forked_child_and_a_fresh_process(verifier):
+    verifier.grade_one(r"\boxed{1}", "1")  # the parent's workers exist before the fork
+    pid = os.fork()
+    if pid == 0:  # child: must start its own workers, not talk to the parent's
+        code = 0
+        try:
+            code = 0 if verifier.grade_one(r"\boxed{2}", "2").outcome is Outcome.CORRECT else 1
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert verifier.grade_one(r"\boxed{3}", "3").outcome is Outcome.CORRECT  # the parent's pool still works
+
+    script = (
+        "from trl_flowrl.rewards import MathVerifier; print(MathVerifier().grade_one('Answer: 7', '7').outcome.value)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.stdout.strip() == "correct", out.stderr
+
+
+def test_reward_scores_and_metrics():
+    reward = MathAccuracyReward(timeout_score=None, error_score=-1.0, **FAST)
+    metrics, extra = {}, {}
+    completions = [
+        [{"role": "assistant", "content": r"\boxed{4}"}],
+        [{"role": "assistant", "content": r"\boxed{5}"}],
+        [{"role": "assistant", "content": "no answer here"}],
+        [{"role": "assistant", "content": PATHOLOGICAL["power_tower"]}],
+        [{"role": "assistant", "content": r"\boxed{1}"}],
+    ]
+    scores = reward(
+        completions,
+        solution=["4", "4", "4", "3", "???"],
+        log_metric=metrics.__setitem__,
+        log_extra=extra.__setitem__,
+        trainer_state=None,
+        prompt_id=[0, 1, 2, 3, 4],
+    )
+    assert scores == [1.0, 0.0, 0.0, None, None]
+    assert metrics["math_reward/correct"] == pytest.approx(0.2)
+    assert metrics["math_reward/wrong"] == pytest.approx(0.2)
+    assert metrics["math_reward/no_answer"] == pytest.approx(0.2)
+    assert metrics["math_reward/timeout"] == pytest.approx(0.2)
+    assert metrics["math_reward/gold_unparseable"] == pytest.approx(0.2)
+    assert metrics["math_reward/error"] == 0.0
+    assert extra["math_outcome"] == ["correct", "wrong", "no_answer", "timeout", "gold_unparseable"]
+    assert extra["math_answer"][:2] == ["4", "5"]
+    assert reward.__name__ == "math_accuracy"  # the name TRL logs the reward under
+
+
+def test_reward_inside_a_grpo_trainer(tiny_model_path, arithmetic_dataset, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    config = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        report_to="none",
+        logging_steps=1,
+    )
+    reward = MathAccuracyReward(**FAST)
+    trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=[reward], args=config, train_dataset=arithmetic_dataset)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    # A random tiny model writes no final answer: every completion is graded, none crashes the step.
+    assert logged["math_reward/no_answer"] + logged["math_reward/wrong"] + logged["math_reward/correct"] == 1.0
+    assert logged["rewards/math_accuracy/mean"] == logged["math_reward/correct"]
