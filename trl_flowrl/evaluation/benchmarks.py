@@ -361,16 +361,10 @@ def _canonical(name: str) -> str:
 
 
 def _eval_dataset(name: str):
-    """The TRL prompt dataset of a built-in evaluation set, from `trl_flowrl.data.EVAL_DATASETS`."""
-    try:
-        from trl_flowrl.data import EVAL_DATASETS
-    except ImportError as error:
-        raise ImportError(
-            f"The built-in benchmark {name!r} needs the dataset loaders of `trl_flowrl.data` ({error}). Point the "
-            "evaluation at a local copy instead: a dataset file with `prompt` and `solution` (or tests) columns, and "
-            "a grader (`--grader math`)."
-        ) from error
-    return EVAL_DATASETS[name]()
+    """The TRL prompt dataset of a built-in evaluation set (`trl_flowrl.data`), from the hub or its cache."""
+    from trl_flowrl.data import CODE_EVAL_DATASETS, MATH_EVAL_DATASETS
+
+    return {**MATH_EVAL_DATASETS, **CODE_EVAL_DATASETS}[name]()
 
 
 def arithmetic_benchmark(num_problems: int = 200, seed: int = 0, num_terms: int = 4, max_value: int = 30) -> Benchmark:
