@@ -313,3 +313,81 @@ def test_checkpoint_without_replay_state_warns_and_keeps_an_empty_buffer(tiny_mo
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
     trainer._load_optimizer_and_scheduler(str(tmp_path / "ckpt"))  # no optimizer file either: nothing loaded
     assert trainer.replay_buffer.num_trajectories == 0 and not trainer.replay_buffer.replay_started
+
+
+class FakeVLLMGeneration:
+    """Stands in for TRL's vLLM backend: random completions, each token with a made-up sampling log-prob of -5.5."""
+
+    def __init__(self, max_length, seed=0):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.max_length = max_length
+
+    def sync_weights(self):
+        pass
+
+    def generate(self, prompts, images, num_generations, profiler):
+        completion_ids = []
+        for _ in prompts:
+            length = int(torch.randint(1, self.max_length + 1, (1,), generator=self.generator))
+            completion_ids.append(torch.randint(3, 259, (length,), generator=self.generator).tolist())
+        return None, completion_ids, [[[-5.5] for _ in ids] for ids in completion_ids], None
+
+
+def test_vllm_keys_replayed_rows_are_not_corrected_as_if_vllm_had_sampled_them(tiny_model_path, tmp_path):
+    # Two optimizer steps per generation: the second half of a batch is trained after the policy moved, so the stored
+    # log-probs must come from TRL's old_per_token_logps, not from the current policy.
+    args = make_config(
+        tmp_path,
+        gradient_accumulation_steps=1,
+        steps_per_generation=2,
+        max_steps=6,
+        delayed_start_threshold=0.0,
+        vllm_importance_sampling_mode="token_truncate",
+    )
+    trainer = RecordingTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    # TRL's vLLM code path, with the engine replaced by the fake above
+    trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, FakeVLLMGeneration(8), -1
+    trainer.train()
+
+    replay_records = [r for r in trainer.records if r["output"]["replay_mask"].any()]
+    assert replay_records
+    for record in trainer.records:
+        output = record["output"]
+        replayed, mask = output["replay_mask"], output["completion_mask"].bool()
+        ratio = output["importance_sampling_ratio"]
+        assert (ratio[replayed] == 1).all()
+        assert (ratio[~replayed][mask[~replayed]] != 1).any()  # the fresh rows are corrected
+        for row in replayed.nonzero().flatten().tolist():  # the stored log-probs took the sampling ones' place
+            assert torch.equal(
+                output["sampling_per_token_logps"][row][mask[row]], output["stored_per_token_logps"][row][mask[row]]
+            )
+        # collected rows store the training engine's log-probs of the sampling policy, not vLLM's
+        for row in output["collect_mask"].nonzero().flatten().tolist():
+            question_id, ids = output["question_ids"][row], completion(output, row)
+            if trainer.replay_buffer.is_retired(question_id):
+                continue
+            stored = [
+                t.logps
+                for t in trainer.replay_buffer.trajectories(question_id)
+                if torch.equal(t.token_ids.long(), ids)
+            ]
+            assert len(stored) == 1
+            assert torch.equal(stored[0], output["old_per_token_logps"][row][mask[row]])
+            assert not torch.allclose(stored[0], torch.full_like(stored[0], -5.5))
+
+    # fresh tokens carry the vLLM ratio in the loss, replayed ones the shaped weight
+    inputs = dict(replay_records[-1]["output"])
+    inputs["collect_mask"] = torch.zeros_like(inputs["collect_mask"])
+    trainer.model.train()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention_mask, inputs["completion_ids"].size(1)
+    )
+    advantages = inputs["advantages"].unsqueeze(1)
+    shaped = torch.sigmoid(logps - inputs["stored_per_token_logps"] - math.log(0.1))
+    fresh = torch.exp(logps - inputs["old_per_token_logps"]) * inputs["importance_sampling_ratio"]
+    per_token = torch.where(inputs["replay_mask"].unsqueeze(1), -shaped * advantages, -fresh * advantages)
+    expected = (per_token * inputs["completion_mask"]).sum() / (16 * 8 * trainer.current_gradient_accumulation_steps)
+    torch.testing.assert_close(loss, expected)

@@ -5,4 +5,9 @@ from ._compat import check_trl_version
 
 check_trl_version()
 
+from .exgrpo import ExGRPOConfig, ExGRPOTrainer, ReplayBuffer  # noqa: E402
+
+
 __version__ = "0.1.0"
+
+__all__ = ["ExGRPOConfig", "ExGRPOTrainer", "ReplayBuffer"]
