@@ -1,8 +1,8 @@
 """Step time of ExGRPOTrainer relative to GRPOTrainer, and how much of ExGRPO's step its additions take.
 
 Both trainers run the same tiny setup (same model, data, seeds, batch), interleaved (GRPO, ExGRPO, GRPO, ...) so that
-load from other processes affects both alike. A step is timed from one optimizer step's end to the next (generation,
-forward/backward, optimizer, ExGRPO's buffer merge); the first `--warmup` steps of each run are dropped. ExGRPO's
+load from other processes affects both alike. A step is timed, in wall and in CPU time, from one optimizer step's end to the next
+(generation, forward/backward, optimizer, ExGRPO's buffer merge); the first `--warmup` steps of each run are dropped. ExGRPO's
 additions are timed with wrappers around its methods:
 
 - scoring: the entropy scoring of the replayed questions' stored trajectories (forward passes under no_grad);
@@ -41,17 +41,23 @@ def parity_reward(completion_ids, **kwargs):
     return [float(sum(ids) % 2 == 0) for ids in completion_ids]
 
 
+def clocks():
+    """(wall, CPU) seconds. With one torch thread the process's CPU time is its compute, which other jobs on the
+    machine disturb much less than its wall time."""
+    return time.perf_counter(), time.process_time()
+
+
 class StepTimer(TrainerCallback):
     def __init__(self):
         self.last, self.times = None, []
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.last is None:
-            self.last = time.perf_counter()
+            self.last = clocks()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
-        self.times.append(now - self.last)
+        now = clocks()
+        self.times.append((now[0] - self.last[0], now[1] - self.last[1]))
         self.last = now
 
 
@@ -59,11 +65,12 @@ def timed(trainer, name, totals):
     method = getattr(trainer, name)
 
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start = clocks()
         try:
             return method(*args, **kwargs)
         finally:
-            totals[name].append(time.perf_counter() - start)
+            end = clocks()
+            totals[name].append((end[0] - start[0], end[1] - start[1]))
 
     setattr(trainer, name, wrapper)
 
@@ -104,7 +111,10 @@ def run(kind, model_path, dataset, cli, output_dir):
     extra = {}
     if kind == "exgrpo":
         # the additions happen in every step after warm-up (one generation per optimizer step here)
-        extra = {name: sum(values[cli.warmup :]) / len(steps) for name, values in totals.items()}
+        extra = {
+            name: tuple(sum(v[i] for v in values[cli.warmup :]) / len(steps) for i in (0, 1))
+            for name, values in totals.items()
+        }
         extra["buffer_trajectories"] = trainer.replay_buffer.num_trajectories
         extra["buffer_questions"] = trainer.replay_buffer.num_questions
     return steps, extra
@@ -161,17 +171,24 @@ def main():
         f"{cli.num_generations}) per step, {cli.max_completion_length} completion tokens; {cli.steps} steps "
         f"({cli.warmup} dropped) x {cli.repeats} interleaved runs each; {cli.threads} torch thread(s)"
     )
-    grpo, exgrpo = statistics.median(step_times["grpo"]), statistics.median(step_times["exgrpo"])
-    print(f"median step time: GRPO {grpo * 1000:.1f} ms, ExGRPO {exgrpo * 1000:.1f} ms, ratio {exgrpo / grpo:.3f}")
-    mean_grpo, mean_exgrpo = statistics.mean(step_times["grpo"]), statistics.mean(step_times["exgrpo"])
-    print(f"mean step time:   GRPO {mean_grpo * 1000:.1f} ms, ExGRPO {mean_exgrpo * 1000:.1f} ms")
-    for name, label in (
-        ("_score_trajectories", "entropy scoring"),
-        ("_plan_generation", "planning (scoring included)"),
-        ("_merge_pending_trajectories", "buffer merge"),
-    ):
-        per_step = statistics.mean(e[name] for e in extras)
-        print(f"ExGRPO {label}: {per_step * 1000:.2f} ms per step = {100 * per_step / mean_exgrpo:.1f}% of its step")
+    for i, clock in enumerate(("wall", "CPU")):
+        grpo = statistics.median(t[i] for t in step_times["grpo"])
+        exgrpo = statistics.median(t[i] for t in step_times["exgrpo"])
+        print(
+            f"median {clock} step time: GRPO {grpo * 1000:.1f} ms, ExGRPO {exgrpo * 1000:.1f} ms, "
+            f"ExGRPO / GRPO = {exgrpo / grpo:.3f}"
+        )
+        mean_exgrpo = statistics.mean(t[i] for t in step_times["exgrpo"])
+        for name, label in (
+            ("_score_trajectories", "entropy scoring"),
+            ("_plan_generation", "planning (scoring included)"),
+            ("_merge_pending_trajectories", "buffer merge"),
+        ):
+            per_step = statistics.mean(e[name][i] for e in extras)
+            print(
+                f"    ExGRPO {label}: {per_step * 1000:.2f} ms {clock} per step = "
+                f"{100 * per_step / mean_exgrpo:.1f}% of its mean step"
+            )
     print(
         "buffer at the end: "
         + ", ".join(f"{e['buffer_questions']} questions / {e['buffer_trajectories']} trajectories" for e in extras)

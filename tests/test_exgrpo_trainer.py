@@ -391,3 +391,43 @@ def test_vllm_keys_replayed_rows_are_not_corrected_as_if_vllm_had_sampled_them(t
     per_token = torch.where(inputs["replay_mask"].unsqueeze(1), -shaped * advantages, -fresh * advantages)
     expected = (per_token * inputs["completion_mask"]).sum() / (16 * 8 * trainer.current_gradient_accumulation_steps)
     torch.testing.assert_close(loss, expected)
+
+
+def test_random_selection_caps_and_dapo_aggregation(tiny_model_path, tmp_path):
+    args = make_config(
+        tmp_path,
+        delayed_start_threshold=0.0,
+        trajectory_selection="random",
+        max_buffer_trajectories=5,
+        max_trajectories_per_question=2,
+        loss_type="dapo",
+    )
+    trainer = RecordingTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    sizes = BufferSizes(trainer)
+    trainer.add_callback(sizes)
+    trainer.train()
+
+    assert max(sizes.sizes) == 5  # the cap was reached and held
+    replay_records = [r for r in trainer.records if r["output"]["replay_mask"].any()]
+    assert replay_records
+    for record in replay_records:
+        output = record["output"]
+        for row in output["replay_mask"].nonzero().flatten().tolist():
+            ids = completion(output, row).tolist()
+            assert ids in [t for t, _ in record["buffer"][output["question_ids"][row]]]
+    assert not any("replay/entropy_scoring_time" in entry for entry in trainer.state.log_history)
+
+    # dapo: token sum over TRL's normaliser (the generation batch's tokens, rescaled to one accumulation window)
+    inputs = dict(replay_records[-1]["output"])
+    inputs["collect_mask"] = torch.zeros_like(inputs["collect_mask"])
+    loss = trainer._compute_loss(trainer.model, inputs)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention_mask, inputs["completion_ids"].size(1)
+    )
+    advantages = inputs["advantages"].unsqueeze(1)
+    shaped = torch.sigmoid(logps - inputs["stored_per_token_logps"] - math.log(0.1))
+    per_token = torch.where(inputs["replay_mask"].unsqueeze(1), -shaped * advantages, -advantages)
+    normaliser = inputs["num_items_in_batch"] * trainer.current_gradient_accumulation_steps / 2  # steps_per_generation
+    torch.testing.assert_close(loss, (per_token * inputs["completion_mask"]).sum() / normaliser)

@@ -268,7 +268,8 @@ class ExGRPOTrainer(GRPOTrainer):
     ) -> list[list[float]]:
         """Mean per-token entropy under the current policy of each candidate trajectory, per question.
 
-        `candidates` holds (prompt, trajectories) per question. Runs in batches of `per_device_train_batch_size`;
+        The entropy is that of TRL's temperature-scaled distribution (the one its log-probs use), over the
+        trajectory's tokens, EOS included. `candidates` holds (prompt, trajectories) per question. Runs in batches of `per_device_train_batch_size`;
         with `num_batches` set (collective forward passes), runs exactly that many, padding with dummy batches.
         """
         rows = [(q, t) for q, (_, trajectories) in enumerate(candidates) for t in trajectories]
