@@ -75,7 +75,8 @@ class ExGRPOTrainer(GRPOTrainer):
     - `_generate_and_score_completions` plans the batch before calling `super()`: groups of retired questions are
       replaced by other unretired dataset questions (drawn uniformly, possibly one already in the batch), and
       `floor(replay_ratio * questions)` groups (taken from the end of each process's batch, interleaved across
-      processes) are replaced by buffered questions; the fresh questions they displace are skipped for this epoch. After `super()`, it updates
+      processes) are replaced by buffered questions; the fresh questions they displace are skipped for this epoch.
+      A question may occur both fresh and replayed in one batch; each of its groups updates its bucket in turn. After `super()`, it updates
       the buckets, retirement and phase from the rewards of all processes, and adds per-row keys for the loss.
     - `_generate_single_turn` substitutes one of the K fresh completions of each replayed group by the stored
       trajectory (and its log-probs for vLLM's sampling log-probs). TRL then decodes, rewards and pads it like any
