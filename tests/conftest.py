@@ -35,8 +35,6 @@ def tiny_model_path(tmp_path_factory):
 @pytest.fixture
 def arithmetic_dataset():
     """Eight conversational prompts with a `solution` column, the shape TRL's math rewards read."""
-    rows = [
-        {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "solution": str(a + b)}
-        for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4), (6, 3), (8, 0)]
-    ]
+    rows = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "solution": str(a + b)} for a, b in
+            [(1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4), (6, 3), (8, 0)]]
     return Dataset.from_list(rows)
