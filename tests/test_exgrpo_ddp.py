@@ -1,0 +1,151 @@
+"""Two processes (DDP on CPU, gloo) hold identical replay buffers and draw identical plans."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+
+pytestmark = pytest.mark.multiprocess
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+    from datasets import Dataset
+
+    from trl_flowrl.exgrpo import ExGRPOConfig, ExGRPOTrainer
+
+    model_path, output_dir = sys.argv[1], sys.argv[2]
+
+
+    def parity_reward(completion_ids, **kwargs):
+        return [float(sum(ids) % 2 == 0) for ids in completion_ids]
+
+
+    class Recording(ExGRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.plans, self.scoring_batches = [], []
+
+        def _plan_generation(self, inputs):
+            inputs, plan = super()._plan_generation(inputs)
+            self.plans.append({"groups": plan.group_question_ids, "local_replays": len(plan.substitutions)})
+            return inputs, plan
+
+        def _score_trajectories(self, candidates, num_batches):
+            self.scoring_batches.append((num_batches, sum(len(t) for _, t in candidates)))
+            return super()._score_trajectories(candidates, num_batches)
+
+
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)]
+    )
+    args = ExGRPOConfig(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,  # 8 rows (2 groups) per process, 4 groups per generation
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=5,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        delayed_start_threshold=0.0,
+    )
+    trainer = Recording(model_path, parity_reward, args=args, train_dataset=dataset)
+    trainer._collective_forward = True  # exercise the equal-count scoring of FSDP / ZeRO-3 (harmless under DDP)
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    torch.save(
+        {
+            "buffer": trainer.replay_buffer.state_dict(),
+            "rng": repr(trainer._replay_rng.getstate()),
+            "plans": trainer.plans,
+            "scoring_batches": trainer.scoring_batches,
+        },
+        f"{output_dir}/rank{rank}.pt",
+    )
+    trainer.accelerator.end_training()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_hold_identical_buffers(tiny_model_path, tmp_path):
+    script = tmp_path / "train_ddp.py"
+    script.write_text(SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        # `--cpu` would start a single process (multi-CPU goes through MPI there); `--multi_gpu` starts two
+        # processes with torch's launcher, and `use_cpu=True` in the config makes them train on the CPU over gloo.
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        tiny_model_path,
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+
+    assert rank0["buffer"]["replay_started"] and rank0["buffer"]["trajectory_length"].numel() > 0
+    for key, value in rank0["buffer"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, rank1["buffer"][key]), key
+        else:
+            assert value == rank1["buffer"][key], key
+    assert rank0["rng"] == rank1["rng"]
+
+    # The same global plan everywhere, and every process replays its share: floor(0.5 * 4 groups) = 2, one each.
+    assert [p["groups"] for p in rank0["plans"]] == [p["groups"] for p in rank1["plans"]]
+    assert len(rank0["plans"]) == 5
+    local0 = [p["local_replays"] for p in rank0["plans"]]
+    local1 = [p["local_replays"] for p in rank1["plans"]]
+    assert local0[0] == local1[0] == 0 and sum(local0[1:]) > 0
+    assert local0 == local1
+
+    # Scoring ran the same number of forward passes on both processes, enough for each one's candidates.
+    batches0, batches1 = rank0["scoring_batches"], rank1["scoring_batches"]
+    assert [n for n, _ in batches0] == [n for n, _ in batches1]
+    for (n, c0), (_, c1) in zip(batches0, batches1):
+        assert n * 4 >= max(c0, c1)

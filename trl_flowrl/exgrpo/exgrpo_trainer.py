@@ -1,0 +1,555 @@
+import hashlib
+import json
+import math
+import os
+import random
+import textwrap
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+from datasets import Dataset, IterableDataset
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+from trl.extras.profiling import profiling_context
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, nanmax, nanmin, pad
+
+from .exgrpo_config import ExGRPOConfig
+from .objective import aggregate_loss, exgrpo_per_token_loss
+from .replay_buffer import ReplayBuffer, Trajectory, select_trajectory
+
+
+logger = get_logger(__name__)
+
+REPLAY_STATE_NAME = "exgrpo_replay_state.pt"
+
+
+def prompt_question_id(prompt) -> str:
+    """A stable id for a prompt (text or list of messages): the SHA-1 of its canonical JSON."""
+    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class _GenerationPlan:
+    """What one generation batch replays, computed identically on every process (local rows are per process)."""
+
+    group_question_ids: list[str]  # one per global group, after retirement replacement and replay
+    substitutions: dict[int, Trajectory] = field(default_factory=dict)  # local row -> stored trajectory
+    num_replayed: int = 0  # global number of replayed groups
+    chosen_entropies: list[float] = field(default_factory=list)  # local, of the replayed trajectories
+
+
+class _MergeTrajectoriesCallback(TrainerCallback):
+    """Merges every process's trajectories collected during an optimizer step into every process's buffer.
+
+    `on_step_end` runs on every process after each optimizer step and before the checkpoint of that step is saved,
+    so a checkpoint always holds everything collected up to it.
+    """
+
+    def __init__(self, trainer: "ExGRPOTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._merge_pending_trajectories()
+
+
+class ExGRPOTrainer(GRPOTrainer):
+    """
+    Trainer for ExGRPO (Experiential Group Relative Policy Optimization), GRPO that learns from its past successes.
+
+    ExGRPO (https://huggingface.co/papers/2510.02245) keeps the distinct correct trajectories of partially solved
+    questions in a replay buffer and, once a generation batch's accuracy has first exceeded a threshold, replays some
+    of them: a buffered question (bucket drawn by a Gaussian over its latest success count, question uniform inside
+    the bucket) gets its lowest-entropy stored trajectory plus `num_generations - 1` fresh completions, and the
+    advantage is computed by TRL over that mixed group. Replayed tokens are weighted by `f(w) = w / (w + 0.1)`,
+    `w = π_θ / π_stored`, without clipping. See [`ExGRPOConfig`] for every option and `objective.py` for the loss.
+
+    Same constructor and machinery as [`~trl.GRPOTrainer`] (transformers or vLLM generation, accelerate, PEFT,
+    logging). How it hooks into TRL, without copying its generation code:
+
+    - `_generate_and_score_completions` plans the batch before calling `super()`: groups of retired questions are
+      replaced by other unretired dataset questions (drawn uniformly, possibly one already in the batch), and
+      `floor(replay_ratio * questions)` groups (taken from the end of each process's batch, interleaved across
+      processes) are replaced by buffered questions; the fresh questions they displace are skipped for this epoch.
+      A question may occur both fresh and replayed in one batch; each of its groups updates its bucket in turn. After `super()`, it updates
+      the buckets, retirement and phase from the rewards of all processes, and adds per-row keys for the loss.
+    - `_generate_single_turn` substitutes one of the K fresh completions of each replayed group by the stored
+      trajectory (and its log-probs for vLLM's sampling log-probs). TRL then decodes, rewards and pads it like any
+      completion. One fresh completion per replayed group is generated and discarded: the price of not copying TRL's
+      generation code.
+    - `_compute_loss` applies the mixed objective and captures, for free, the log-probs of the correct fresh rows to
+      store (the sampling policy's: TRL's `old_per_token_logps` when it computed them, else the first forward pass).
+    - A callback merges the collected trajectories of all processes into every process's buffer after each optimizer
+      step; the buffer state is saved with each checkpoint and restored on resume.
+
+    Not handled (refused at construction): tools, `rollout_func`, `environment_factory`, vision-language models and
+    iterable datasets. An exact resume needs a checkpoint at a generation boundary, i.e. `gradient_accumulation_steps`
+    a multiple of `steps_per_generation * num_iterations` (TRL's own condition for resuming a generation batch).
+    With vLLM, TRL's `sampling/*` metrics include replayed rows.
+    """
+
+    _tag_names = ["trl", "exgrpo"]
+    _name = "ExGRPO"
+    _paper = {
+        "title": "ExGRPO: Learning to Reason from Experience",
+        "id": "2510.02245",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{zhan2025exgrpo,
+                title        = {{ExGRPO: Learning to Reason from Experience}},
+                author       = {Runzhe Zhan and Yafu Li and Zhi Wang and Xiaoye Qu and Dongrui Liu and Jing Shao and Derek F. Wong and Yu Cheng},
+                year         = 2025,
+                eprint       = {arXiv:2510.02245},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: ExGRPOConfig | None = None, train_dataset=None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = ExGRPOConfig(f"{model_name.split('/')[-1]}-ExGRPO")
+        elif not isinstance(args, ExGRPOConfig):
+            raise TypeError(f"ExGRPOTrainer needs an ExGRPOConfig, got {type(args).__name__}.")
+        for name in ("tools", "rollout_func", "environment_factory"):
+            if kwargs.get(name):
+                raise ValueError(
+                    f"ExGRPOTrainer does not support `{name}`: replay substitutes stored single-turn completions into "
+                    "TRL's generation, which tools, rollout functions and environments bypass."
+                )
+        if isinstance(train_dataset, IterableDataset) or not isinstance(train_dataset, Dataset):
+            raise ValueError(
+                "ExGRPOTrainer needs a map-style `datasets.Dataset` as train_dataset (got "
+                f"{type(train_dataset).__name__}): replayed and replacement questions are read back by index."
+            )
+        if args.question_id_column is not None and args.question_id_column not in train_dataset.column_names:
+            raise ValueError(
+                f"question_id_column={args.question_id_column!r} is not a column of the train dataset (columns: "
+                f"{train_dataset.column_names})."
+            )
+
+        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+
+        if self._is_vlm:
+            raise ValueError("ExGRPOTrainer does not support vision-language models (a processor with images).")
+
+        # question id -> first dataset index, and the unique ids in dataset order (the pool for retired replacements)
+        if args.question_id_column is not None:
+            dataset_ids = [str(v) for v in self.train_dataset[args.question_id_column]]
+        else:
+            dataset_ids = [prompt_question_id(p) for p in self.train_dataset["prompt"]]
+        self._question_index: dict[str, int] = {}
+        for index, question_id in enumerate(dataset_ids):
+            self._question_index.setdefault(question_id, index)
+        self._dataset_question_ids = list(self._question_index)
+
+        self.replay_buffer = ReplayBuffer(
+            num_generations=self.num_generations,
+            bucket_center=args.bucket_center,
+            bucket_width=args.bucket_width,
+            max_trajectories_per_question=args.max_trajectories_per_question,
+            max_buffer_trajectories=args.max_buffer_trajectories,
+        )
+        # Every process draws from this generator with the same seed and in the same order (TRL seeds torch per
+        # process, so torch's generator cannot be shared).
+        self._replay_rng = random.Random(args.seed)
+        self._replay_plan: dict[int, Trajectory] | None = None
+        self._pending_trajectories: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._last_global_rewards: torch.Tensor | None = None
+        self._warned_all_retired = False
+        # Under FSDP and ZeRO-3 a forward pass is a collective: every process must run the same number of them.
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        self._collective_forward = bool(self.is_fsdp_enabled or zero3)
+        self.add_callback(_MergeTrajectoriesCallback(self))
+
+    # Question ids and planning ---------------------------------------------------------------------------------------
+
+    def _row_question_id(self, row: dict) -> str:
+        column = self.args.question_id_column
+        if column is None:
+            return prompt_question_id(row["prompt"])
+        if column not in row:
+            raise KeyError(
+                f"question_id_column={column!r} is missing from the training rows; keep remove_unused_columns=False."
+            )
+        return str(row[column])
+
+    def _dataset_row(self, question_id: str, keys) -> dict:
+        row = self.train_dataset[self._question_index[question_id]]
+        return {key: row[key] for key in keys}
+
+    def _plan_generation(self, inputs: list[dict]) -> tuple[list[dict], _GenerationPlan]:
+        """Decide which groups are replaced (retired questions) or replayed, identically on every process."""
+        K = self.num_generations
+        if len(inputs) % K != 0:
+            raise RuntimeError(f"The local generation batch ({len(inputs)} rows) is not a whole number of groups.")
+        num_local = len(inputs) // K
+        local_ids = []
+        for g in range(num_local):
+            ids = {self._row_question_id(row) for row in inputs[g * K : (g + 1) * K]}
+            if len(ids) != 1:
+                raise RuntimeError("A group of num_generations consecutive rows holds several questions.")
+            local_ids.append(ids.pop())
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        group_ids = gather_object(local_ids) if world > 1 else local_ids
+        num_groups = len(group_ids)
+        buffer, rng = self.replay_buffer, self._replay_rng
+
+        # Replayed questions take global slots j -> process j % world, that process's groups from the end.
+        replay_slots: dict[int, str] = {}
+        if buffer.replay_started and self.args.replay_ratio > 0:
+            num_replay = min(math.floor(self.args.replay_ratio * num_groups + 1e-9), buffer.num_questions)
+            for j, question_id in enumerate(buffer.sample_questions(num_replay, rng)):
+                replay_slots[(j % world) * num_local + num_local - 1 - j // world] = question_id
+        random_choice = {}
+        if self.args.trajectory_selection == "random":
+            for slot in sorted(replay_slots):
+                random_choice[slot] = rng.randrange(len(buffer.trajectories(replay_slots[slot])))
+
+        # Retired questions leave the sampler: their groups get another, unretired question.
+        replaced = set()
+        if self.args.retire_solved_questions and buffer.num_retired:
+            pool = None
+            for slot in range(num_groups):
+                if slot in replay_slots or not buffer.is_retired(group_ids[slot]):
+                    continue
+                if pool is None:
+                    pool = [q for q in self._dataset_question_ids if not buffer.is_retired(q)]
+                if not pool:
+                    if not self._warned_all_retired:
+                        logger.warning("Every question of the dataset is retired; retired questions are trained on.")
+                        self._warned_all_retired = True
+                    break
+                group_ids[slot] = pool[rng.randrange(len(pool))]
+                replaced.add(slot)
+        group_ids = [replay_slots.get(slot, q) for slot, q in enumerate(group_ids)]
+
+        inputs = list(inputs)
+        keys = list(inputs[0].keys())
+        local_replays = []  # (local group, question id)
+        for g in range(num_local):
+            slot = rank * num_local + g
+            if slot in replay_slots or slot in replaced:
+                row = self._dataset_row(group_ids[slot], keys)
+                inputs[g * K : (g + 1) * K] = [dict(row) for _ in range(K)]
+            if slot in replay_slots:
+                local_replays.append((g, group_ids[slot]))
+
+        plan = _GenerationPlan(group_question_ids=group_ids, num_replayed=len(replay_slots))
+        if self.args.trajectory_selection == "random":
+            for g, question_id in local_replays:
+                choice = random_choice[rank * num_local + g]
+                plan.substitutions[g * K] = buffer.trajectories(question_id)[choice]
+        else:
+            # Scoring batches per process, known everywhere because the buffer and the plan are identical.
+            batch_size = self.args.per_device_train_batch_size
+            counts = [0] * world
+            for slot, question_id in replay_slots.items():
+                counts[slot // num_local] += len(buffer.trajectories(question_id))
+            num_batches = max(math.ceil(c / batch_size) for c in counts) if self._collective_forward else None
+            start = time.perf_counter()
+            with profiling_context(self, "score_replay_entropy"):
+                entropies = self._score_trajectories(
+                    [(inputs[g * K]["prompt"], buffer.trajectories(q)) for g, q in local_replays], num_batches
+                )
+            if replay_slots:
+                self._metrics["train"]["replay/entropy_scoring_time"].append(time.perf_counter() - start)
+            for (g, question_id), scores in zip(local_replays, entropies):
+                choice = select_trajectory(scores, self.args.trajectory_selection)
+                plan.substitutions[g * K] = buffer.trajectories(question_id)[choice]
+                plan.chosen_entropies.append(scores[choice])
+        return inputs, plan
+
+    @torch.no_grad()
+    def _score_trajectories(
+        self, candidates: list[tuple[object, list[Trajectory]]], num_batches: int | None
+    ) -> list[list[float]]:
+        """Mean per-token entropy under the current policy of each candidate trajectory, per question.
+
+        The entropy is that of TRL's temperature-scaled distribution (the one its log-probs use), over the
+        trajectory's tokens, EOS included. `candidates` holds (prompt, trajectories) per question. Runs in batches of `per_device_train_batch_size`;
+        with `num_batches` set (collective forward passes), runs exactly that many, padding with dummy batches.
+        """
+        rows = [(q, t) for q, (_, trajectories) in enumerate(candidates) for t in trajectories]
+        prompt_ids = self._tokenize_prompts([prompt for prompt, _ in candidates])[0] if candidates else []
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        batch_size = self.args.per_device_train_batch_size
+        if num_batches is None:
+            num_batches = math.ceil(len(rows) / batch_size)
+        scores: list[list[float]] = [[] for _ in candidates]
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            for b in range(num_batches):
+                batch = rows[b * batch_size : (b + 1) * batch_size]
+                if batch:
+                    prompts = [torch.tensor(prompt_ids[q]) for q, _ in batch]
+                    completions = [t.token_ids.long() for _, t in batch]
+                else:  # a dummy batch, so that every process runs the same number of forward passes
+                    prompts, completions = [torch.tensor([pad_id])], [torch.tensor([pad_id])]
+                prompt = pad(prompts, padding_value=pad_id, padding_side="left")
+                prompt_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left")
+                completion = pad(completions, padding_value=pad_id, padding_side="right")
+                completion_mask = pad([torch.ones_like(c) for c in completions], padding_value=0, padding_side="right")
+                _, entropies, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([prompt, completion], dim=1).to(device),
+                    torch.cat([prompt_mask, completion_mask], dim=1).to(device),
+                    completion.size(1),
+                    batch_size=batch_size,
+                    compute_entropy=True,
+                )
+                completion_mask = completion_mask.to(device)
+                means = (entropies * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1)
+                for (q, _), value in zip(batch, means.tolist()):
+                    scores[q].append(value)
+        return scores
+
+    # Generation ------------------------------------------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_global_rewards = rewards_per_func  # (B_global, num_reward_funcs), gathered over processes
+        return rewards_per_func
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        completion_ids, logprobs = super()._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+        )
+        if self._replay_plan:
+            completion_ids = list(completion_ids)
+            logprobs = list(logprobs) if logprobs is not None else None
+            for row, trajectory in self._replay_plan.items():
+                completion_ids[row] = trajectory.token_ids.tolist()
+                if logprobs is not None:
+                    logprobs[row] = trajectory.logps.tolist()
+        return completion_ids, logprobs
+
+    def _generate_and_score_completions(self, inputs):
+        if not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+
+        inputs, plan = self._plan_generation(inputs)
+        self._replay_plan = plan.substitutions
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._replay_plan = None
+
+        device = self.accelerator.device
+        K = self.num_generations
+        num_rows, max_len = output["completion_ids"].shape
+        num_local = num_rows // K
+        rank = self.accelerator.process_index
+
+        replay_mask = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        stored = torch.zeros(num_rows, max_len, dtype=torch.float32, device=device)
+        for row, trajectory in plan.substitutions.items():
+            replay_mask[row] = True
+            stored[row, : trajectory.logps.numel()] = trajectory.logps.to(device)
+
+        # Successes over all processes (the rewards TRL gathered), hence identical buffer updates everywhere.
+        rewards_per_func = self._last_global_rewards
+        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        success = (rewards >= self.args.success_threshold) & ~torch.isnan(rewards_per_func).all(dim=1)
+        accuracy = success.sum().item() / success.numel()
+        buffer = self.replay_buffer
+        buffer.maybe_start_replay(accuracy, self.args.delayed_start_threshold)
+        counts = success.view(-1, K).sum(dim=1).tolist()
+        for question_id, count in zip(plan.group_question_ids, counts):
+            buffer.record_group(question_id, count)
+
+        # Rows to store: the fresh correct rows of partially solved groups, once replay has started.
+        collect = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        if buffer.replay_started:
+            local_success = success[rank * num_rows : (rank + 1) * num_rows]
+            for g in range(num_local):
+                if 0 < counts[rank * num_local + g] < K:
+                    collect[g * K : (g + 1) * K] = local_success[g * K : (g + 1) * K]
+            collect &= ~replay_mask
+
+        output["replay_mask"] = replay_mask
+        output["stored_per_token_logps"] = stored
+        output["collect_mask"] = collect
+        output["question_ids"] = [plan.group_question_ids[rank * num_local + r // K] for r in range(num_rows)]
+        if "importance_sampling_ratio" in output:
+            # TRL compared the training policy with the stored log-probs we substituted as sampling log-probs; a
+            # replayed row was not sampled by vLLM, so it gets no vLLM correction.
+            output["importance_sampling_ratio"][replay_mask] = 1.0
+
+        metrics = self._metrics["train"]
+        metrics["replay/phase"].append(float(buffer.replay_started))
+        metrics["replay/accuracy"].append(accuracy)
+        metrics["replay/replayed_questions_fraction"].append(plan.num_replayed / len(counts))
+        metrics["replay/replayed_rows_fraction"].append(plan.num_replayed / success.numel())
+        if self.args.trajectory_selection != "random":
+            local = torch.tensor([sum(plan.chosen_entropies), len(plan.chosen_entropies)], device=device)
+            total, count = self.accelerator.reduce(local, reduction="sum").tolist()
+            if count > 0:
+                metrics["replay/chosen_entropy"].append(total / count)
+        return output
+
+    # Collection ------------------------------------------------------------------------------------------------------
+
+    def _collect_trajectories(self, inputs, per_token_logps: torch.Tensor) -> None:
+        collect = inputs.get("collect_mask")
+        if collect is None or not collect.any():
+            return
+        # The sampling policy's log-probs: TRL's old_per_token_logps when it computed them; otherwise the policy has
+        # not stepped since generation and this first pass over the rows computes exactly them.
+        source = inputs.get("old_per_token_logps")
+        source = per_token_logps.detach() if source is None else source
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"].bool()
+        for row in collect.nonzero().flatten().tolist():
+            mask = completion_mask[row]
+            if mask.any():
+                self._pending_trajectories.append(
+                    (inputs["question_ids"][row], completion_ids[row][mask].cpu(), source[row][mask].float().cpu())
+                )
+        # With num_iterations > 1 the same rows come back; they are stored once.
+        inputs["collect_mask"] = torch.zeros_like(collect)
+
+    def _merge_pending_trajectories(self) -> None:
+        pending, self._pending_trajectories = self._pending_trajectories, []
+        if self.accelerator.num_processes > 1:
+            pending = gather_object(pending)  # every process's list, in process order
+        for question_id, token_ids, logps in pending:
+            self.replay_buffer.add_trajectory(question_id, token_ids, logps)
+        metrics = self._metrics["train"]
+        metrics["replay/buffer_questions"].append(self.replay_buffer.num_questions)
+        metrics["replay/buffer_trajectories"].append(self.replay_buffer.num_trajectories)
+        metrics["replay/retired_questions"].append(self.replay_buffer.num_retired)
+
+    # Loss ------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask
+
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+        )
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            self._collect_trajectories(inputs, per_token_logps)
+
+        num_rows = per_token_logps.size(0)
+        replay_mask = inputs.get("replay_mask")
+        if replay_mask is None:  # evaluation batches are all fresh
+            replay_mask = torch.zeros(num_rows, dtype=torch.bool, device=per_token_logps.device)
+        stored = inputs.get("stored_per_token_logps")
+        stored = torch.zeros_like(per_token_logps) if stored is None else stored
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        clip_fresh = not (self.args.unclip_fresh_after_switch and self.replay_buffer.replay_started)
+
+        per_token_loss, ratio, shaped_weight, per_token_kl = exgrpo_per_token_loss(
+            per_token_logps,
+            old_per_token_logps,
+            stored,
+            inputs["advantages"],
+            replay_mask,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            clip_fresh=clip_fresh,
+            shaping=self.args.replay_weight_shaping,
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio")
+            if self.use_vllm and self.vllm_importance_sampling_correction
+            else None,
+            ref_per_token_logps=inputs.get("ref_per_token_logps"),
+            beta=self.beta,
+            kl_bias_correction=self.args.use_bias_correction_kl,
+        )
+
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = aggregate_loss(per_token_loss, mask, "dapo", num_items=num_items)
+        else:
+            loss = aggregate_loss(per_token_loss, mask, self.loss_type, self.max_completion_length) / accumulation
+
+        if self._entropy_bonus_enabled:  # static coefficient only (adaptive control is refused by the config)
+            entropy_loss = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+            loss = loss - self.entropy_coef * entropy_loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        # Metrics
+        def global_masked_mean(x, m):  # None when no process has a token under the mask
+            totals = self.accelerator.reduce(torch.stack([(x * m).sum(), m.sum().float()]), reduction="sum")
+            return totals[0].item() / totals[1].item() if totals[1].item() > 0 else None
+
+        def append(name, value):
+            if value is not None:
+                self._metrics[mode][name].append(value)
+
+        if self.beta != 0.0:
+            append("kl", global_masked_mean(per_token_kl, mask))
+        append("entropy", global_masked_mean(entropies, mask))
+
+        # Clipping statistics of fresh tokens (after the switch with unclip_fresh_after_switch, they count the tokens
+        # outside the clip range, which are then not clipped).
+        fresh_mask = mask * (~replay_mask).unsqueeze(1)
+        advantages = inputs["advantages"].unsqueeze(1)
+        is_low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+        is_high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+        append("clip_ratio/low_mean", global_masked_mean(is_low, fresh_mask))
+        append("clip_ratio/high_mean", global_masked_mean(is_high, fresh_mask))
+        append("clip_ratio/region_mean", global_masked_mean(torch.maximum(is_low, is_high), fresh_mask))
+        row_tokens = fresh_mask.sum(-1)
+        low_rows = torch.where(row_tokens > 0, (is_low * fresh_mask).sum(-1) / row_tokens.clamp(min=1), torch.nan)
+        high_rows = torch.where(row_tokens > 0, (is_high * fresh_mask).sum(-1) / row_tokens.clamp(min=1), torch.nan)
+        low_min = nanmin(self.accelerator.gather(low_rows)).item()
+        high_max = nanmax(self.accelerator.gather(high_rows)).item()
+        if not math.isnan(low_min):
+            append("clip_ratio/low_min", low_min)
+            append("clip_ratio/high_max", high_max)
+        append("replay/shaped_weight_mean", global_masked_mean(shaped_weight, mask * replay_mask.unsqueeze(1)))
+        return loss
+
+    # Checkpoints -----------------------------------------------------------------------------------------------------
+
+    def _replay_state_dict(self) -> dict:
+        version, internal, gauss_next = self._replay_rng.getstate()
+        return {
+            "format": 1,
+            "buffer": self.replay_buffer.state_dict(),
+            "rng": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        }
+
+    def _load_replay_state_dict(self, state: dict) -> None:
+        self.replay_buffer.load_state_dict(state["buffer"])
+        rng = state["rng"]
+        self._replay_rng.setstate((rng["version"], tuple(rng["internal"]), rng["gauss_next"]))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            torch.save(self._replay_state_dict(), os.path.join(folder, REPLAY_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, REPLAY_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(f"No {REPLAY_STATE_NAME} in {checkpoint}: resuming ExGRPO with an empty replay buffer.")
+            return
+        self._load_replay_state_dict(torch.load(path, weights_only=True))
