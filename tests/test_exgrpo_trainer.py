@@ -12,16 +12,6 @@ from trl_flowrl.exgrpo import ExGRPOConfig, ExGRPOTrainer
 from trl_flowrl.exgrpo.exgrpo_trainer import REPLAY_STATE_NAME, prompt_question_id
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The tiny model is far too small for intra-op parallelism; with other jobs on the cores, two threads make a
-    # step tens of times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def parity_reward(completion_ids, **kwargs):
     """Correct when the token ids sum to an even number: about half of the random completions, deterministic."""
     return [float(sum(ids) % 2 == 0) for ids in completion_ids]

@@ -1,22 +1,16 @@
 """FlowRLTrainer end to end on the tiny local model: training, the log Z head, checkpoints, PEFT, metrics."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_distributed
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from trl_flowrl import FlowRLConfig, FlowRLTrainer
 from trl_flowrl.flowrl.flowrl_trainer import LOG_Z_STATE_NAME
-
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def count_digits(completions, **kwargs):
@@ -301,25 +295,7 @@ def test_unscorable_completions_are_left_out(tiny_model_path, tmp_path, arithmet
 def test_ddp_ranks_end_with_identical_heads(tiny_model_path, tmp_path):
     script = tmp_path / "ddp_flowrl.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            tiny_model_path,
-            str(tmp_path),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_distributed(script, tiny_model_path, str(tmp_path))
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert states[0]["world_size"] == states[1]["world_size"] == 2
     for name, tensor in states[0]["head"].items():
