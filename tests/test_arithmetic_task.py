@@ -1,0 +1,227 @@
+"""The built-in arithmetic task, its evaluation helper, and the embedded tiny model."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_flowrl.tasks import (
+    ArithmeticProblem,
+    arithmetic_dataset,
+    arithmetic_sft_dataset,
+    boxed_accuracy_reward,
+    count_paths,
+    embedded_model_path,
+    enumerate_paths,
+    evaluate_arithmetic,
+    extract_boxed,
+    generate_problems,
+    grade_samples,
+    is_correct,
+    is_held_out,
+    path_id,
+    path_log_probs,
+    problems_from_dataset,
+)
+
+
+PROBLEM = ArithmeticProblem((12, 7, 30, 5))
+WORKED = "12+7=19: 19+30+5\n30+5=35: 19+35\n19+35=54\n\\boxed{54}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation and splits
+
+
+def test_generation_is_deterministic_per_seed():
+    assert generate_problems(50, seed=3) == generate_problems(50, seed=3)
+    assert generate_problems(50, seed=3, split="test") == generate_problems(50, seed=3, split="test")
+    assert generate_problems(50, seed=3) != generate_problems(50, seed=4)
+    assert arithmetic_dataset(20, seed=1).to_list() == arithmetic_dataset(20, seed=1).to_list()
+    assert arithmetic_sft_dataset(20, seed=1).to_list() == arithmetic_sft_dataset(20, seed=1).to_list()
+
+
+def test_problems_respect_the_requested_shape():
+    problems = generate_problems(100, seed=0, num_terms=3, max_value=9)
+    assert all(len(p.terms) == 3 and all(1 <= t <= 9 for t in p.terms) for p in problems)
+    assert len({tuple(sorted(p.terms)) for p in problems}) == 100  # unique up to reordering
+
+
+def test_train_and_held_out_problems_are_disjoint():
+    train = {tuple(sorted(p.terms)) for seed in (0, 1) for p in generate_problems(2000, seed=seed)}
+    test = {tuple(sorted(p.terms)) for seed in (0, 1) for p in generate_problems(300, seed=seed, split="test")}
+    assert train and test and not train & test
+    assert all(is_held_out(t) for t in test) and not any(is_held_out(t) for t in train)
+    # Held-out membership ignores the order of the terms, so a reordering cannot leak into training.
+    assert all(is_held_out(t[::-1]) for t in test)
+    sft = arithmetic_sft_dataset(500, seed=0)
+    assert not any(is_held_out(p.terms) for p in problems_from_dataset(arithmetic_dataset(50, seed=0)))
+    assert not any(is_held_out([int(t) for t in m[0]["content"][8:-1].split("+")]) for m in sft["prompt"])
+
+
+def test_held_out_share_is_about_ten_percent():
+    keys = [(a, b, c, d) for a in range(1, 11) for b in range(a, 11) for c in range(b, 11) for d in range(c, 11)]
+    share = sum(map(is_held_out, keys)) / len(keys)
+    assert 0.07 < share < 0.13
+
+
+def test_too_many_unique_problems_is_a_clear_error():
+    with pytest.raises(ValueError, match="unique"):
+        generate_problems(10, num_terms=2, max_value=2, split="test")
+    with pytest.raises(ValueError, match="split"):
+        generate_problems(1, split="validation")
+    with pytest.raises(ValueError, match="positive"):
+        ArithmeticProblem((3, 0))
+
+
+def test_dataset_columns_follow_trl_conventions():
+    row = arithmetic_dataset(3, seed=0)[0]
+    assert row["prompt"] == [{"role": "user", "content": "What is " + "+".join(map(str, row["terms"])) + "?"}]
+    assert row["solution"] == str(sum(row["terms"]))
+    sft_row = arithmetic_sft_dataset(3, seed=0)[0]
+    assert sft_row["completion"][0]["role"] == "assistant"
+    assert is_correct(sft_row["completion"][0]["content"], sft_row["solution"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths and grading
+
+
+def test_worked_example_path_id():
+    assert path_id(PROBLEM, WORKED) == "7+12|5+30|19+35"
+    # Operand order inside a line, spacing and the order of the rewritten remainder do not change the path.
+    assert path_id(PROBLEM, "7 + 12 = 19: 5+30+19\n5+30=35: 35+19\n35+19=54\n\\boxed{ 54 }") == "7+12|5+30|19+35"
+    # The remainder may be left out; it is implied by the merges.
+    assert path_id(PROBLEM, "12+7=19\n30+5=35\n19+35=54\n\\boxed{54}") == "7+12|5+30|19+35"
+
+
+@pytest.mark.parametrize(
+    "terms, expected",
+    [((1, 2, 4, 8), 18), ((1, 2, 3), 3), ((3, 3, 3, 3), 2), ((5, 9), 1), ((12, 7, 30, 5), 17)],
+)
+def test_path_counts(terms, expected):
+    # 4 distinct terms with distinct partial sums: 6 * 3 * 1 ordered merge histories. (3,3,3,3): 3+3 then either
+    # 3+3 or 3+6. (12,7,30,5): 5+7=12 makes the two orders of merging a 12 with 30 the same path.
+    assert count_paths(ArithmeticProblem(terms)) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_enumerated_path_is_correct_and_has_its_own_id(seed):
+    for problem in generate_problems(20, seed=seed) + generate_problems(5, seed=seed, num_terms=3):
+        paths = enumerate_paths(problem)
+        ids = [path_id(problem, text) for text in paths.values()]
+        assert ids == list(paths.keys())
+        assert len(set(ids)) == len(ids)
+        assert all(is_correct(text, problem.solution) for text in paths.values())
+        completions = [[{"role": "assistant", "content": text}] for text in paths.values()]
+        assert boxed_accuracy_reward(completions, [problem.solution] * len(paths)) == [1.0] * len(paths)
+
+
+def test_wrong_answers_are_graded_wrong():
+    assert not is_correct(WORKED.replace("\\boxed{54}", "\\boxed{55}"), "54")
+    assert not is_correct("19+35=54", "54")  # no boxed answer
+    assert not is_correct("\\boxed{fifty-four}", "54")
+    assert boxed_accuracy_reward(["\\boxed{53}", "\\boxed{54}"], ["54", "54"]) == [0.0, 1.0]
+    assert path_id(PROBLEM, WORKED.replace("\\boxed{54}", "\\boxed{55}")) is None
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "12+7=18: 18+30+5\n30+5=35: 18+35\n18+35=53\n\\boxed{54}",  # wrong sum in a step
+        "12+8=20: 20+30+5\n30+5=35: 20+35\n20+35=54\n\\boxed{54}",  # merges a term that is not there
+        "12+7=19: 19+30+6\n30+6=35: 19+35\n19+35=54\n\\boxed{54}",  # wrong remainder
+        "12+7=19: 19+30+5\n19+30+5=54\n\\boxed{54}",  # three terms in one line
+        "12+7=19: 19+30+5\n30+5=35: 19+35\n\\boxed{54}",  # stops before one term is left
+        "12+7=19: 19+30+5\n30+5=35: 19+35\n19+35=54",  # no boxed answer
+        "12+7=19: 19+30+5\n30+5=35: 19+35\n19+35=54\n\\boxed{54}\nmore",  # text after the answer
+        "\\boxed{54}",
+        "",
+    ],
+)
+def test_invalid_derivations_have_no_path(completion):
+    assert path_id(PROBLEM, completion) is None
+
+
+def test_extract_boxed():
+    assert extract_boxed("so \\boxed{1} and \\boxed{ 42 }") == "42"
+    assert extract_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert extract_boxed("\\boxed{12") is None
+    assert extract_boxed("42") is None
+
+
+def test_grade_samples_counts_distinct_correct_paths():
+    paths = list(enumerate_paths(PROBLEM).values())
+    other = ArithmeticProblem((1, 2, 3))
+    other_paths = list(enumerate_paths(other).values())
+    lucky = "1+2=4: 4+3\n4+3=7\n\\boxed{6}"  # correct answer through a wrong derivation: correct, no path
+    result = grade_samples(
+        [PROBLEM, other],
+        [[paths[0], paths[0], paths[1], "\\boxed{53}"], [lucky, other_paths[2], "nothing", "\\boxed{7}"]],
+    )
+    assert result.correct == [[True, True, True, False], [True, True, False, False]]
+    assert result.accuracy == 5 / 8
+    assert result.pass_at_k == 1.0
+    assert result.distinct_correct_paths == (2 + 1) / 2
+    assert result.valid_path_rate == 4 / 8
+    # Path frequencies 2:1 on the first problem, one path on the second.
+    assert result.path_entropy == pytest.approx((-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3)) / 2)
+    assert result.path_ids[1][2] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded model
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    path = embedded_model_path()
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_embedded_model_ships_as_small_safetensors():
+    path = Path(embedded_model_path())
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
+        assert (path / name).is_file(), name
+    assert (path / "model.safetensors").stat().st_size <= 10 * 1024 * 1024
+    assert path.parent.parent.name == "trl_flowrl"
+
+
+def test_embedded_model_loads_and_tokenizer_round_trips_the_task(embedded):
+    model, tokenizer = embedded
+    assert model.config.model_type == "qwen2"
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<pad>"
+    for problem in generate_problems(10, seed=0, split="test"):
+        text = tokenizer.apply_chat_template(problem.prompt, tokenize=False, add_generation_prompt=True)
+        assert text == f"<|im_start|>user\n{problem.question}<|im_end|>\n<|im_start|>assistant\n"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        assert len(ids) == len(text) - len("<|im_start|><|im_end|><|im_start|>") + 3  # one token per character
+        for completion in enumerate_paths(problem).values():
+            completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            assert tokenizer.decode(completion_ids + [tokenizer.eos_token_id], skip_special_tokens=True) == completion
+
+
+def test_evaluation_on_the_embedded_model_is_seeded_and_leaves_the_rng_alone(embedded):
+    model, tokenizer = embedded
+    problems = generate_problems(4, seed=0, split="test")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = evaluate_arithmetic(model, tokenizer, problems, num_samples=4, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = evaluate_arithmetic(model, tokenizer, problems, num_samples=4, seed=7)
+    assert first.completions == second.completions
+    assert len(first.completions) == 4 and all(len(samples) == 4 for samples in first.completions)
+    # The pre-trained model writes the task's format: most samples are valid derivations.
+    assert first.valid_path_rate > 0.5
+
+
+def test_path_log_probs_cover_every_path(embedded):
+    model, tokenizer = embedded
+    problem = generate_problems(1, seed=0, split="test")[0]
+    log_probs = path_log_probs(model, tokenizer, problem)
+    assert list(log_probs) == list(enumerate_paths(problem))
+    assert all(lp < 0 for lp in log_probs.values())
+    assert sum(math.exp(lp) for lp in log_probs.values()) <= 1.0 + 1e-6
