@@ -1,24 +1,24 @@
 """The built-in arithmetic task: sums of a few small numbers, solved by merging two terms at a time.
 
-A problem is a list of positive integers, asked as ``What is 12+7+30+5?`` (four terms up to 20 by default). A solution merges two terms per line and
-rewrites what is left, then boxes the total::
+A problem is a list of positive integers (four terms from 1 to 20 by default), asked as ``What is 12+7+16+5?``. A
+solution merges two terms per line and rewrites what is left, then boxes the total::
 
-    12+7=19: 19+30+5
-    30+5=35: 19+35
-    19+35=54
-    \\boxed{54}
+    12+7=19: 19+16+5
+    16+5=21: 19+21
+    19+21=40
+    \\boxed{40}
 
 Which two terms to merge at each line is free, so a problem with ``n`` terms has up to ``n! (n-1)! / 2^(n-1)``
 distinct reasoning paths (3 for three terms, 18 for four). A path is identified by the values it merges, in order:
-the path above is ``7+12|5+30|19+35``. Two merge orders that write the same values (possible when a value repeats)
+the path above is ``7+12|5+16|19+21``. Two merge orders that write the same values (possible when a value repeats)
 are one path, so a problem can have fewer paths than that bound; `enumerate_paths` lists exactly the distinct ones.
 
 Held-out problems are defined by a fixed hash of the sorted terms, not by the seed: a problem whose multiset of terms
 is held out never appears in a train split or in pre-training data, for any seed and any term order.
 
 Not handled: subtraction, products and word problems (the task only needs several valid paths per problem and an
-exact way to tell them apart); derivations that merge three terms in one line, or skip the rewritten remainder and
-get it wrong, are not valid paths (`path_id` returns None), although their boxed answer may still be graded correct.
+exact way to tell them apart). A derivation that merges three terms in one line, or rewrites the remainder wrongly,
+is not a valid path (`path_id` returns None), although its boxed answer may still be graded correct.
 """
 
 import hashlib

@@ -57,11 +57,15 @@ def sample_completions(
     num_samples: int = 8,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    max_new_tokens: int = 80,
+    max_new_tokens: int = 64,
     batch_size: int = 512,
     seed: int = 0,
 ) -> list[list[str]]:
-    """`num_samples` sampled completions (decoded text, special tokens dropped) for each problem."""
+    """`num_samples` sampled completions (decoded text, special tokens dropped) for each problem.
+
+    The longest valid completion of the default task is 54 characters (55 tokens with the end-of-sequence token), so
+    `max_new_tokens=64` never cuts a valid path; pass more for larger `max_value` or more terms.
+    """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}.")
     texts = [text for text in _prompt_texts(tokenizer, problems) for _ in range(num_samples)]
@@ -109,6 +113,8 @@ def grade_samples(
     if len(problems) != len(completions) or not problems:
         raise ValueError(f"Need one list of completions per problem, got {len(completions)} for {len(problems)}.")
     num_samples = len(completions[0])
+    if num_samples < 1 or any(len(samples) != num_samples for samples in completions):
+        raise ValueError("Every problem needs the same number (at least one) of completions.")
     flat = [[{"role": "assistant", "content": text}] for samples in completions for text in samples]
     solutions = [p.solution for p, samples in zip(problems, completions) for _ in samples]
     rewards = reward_func(completions=flat, solution=solutions)
@@ -146,7 +152,7 @@ def evaluate_arithmetic(
     num_samples: int = 8,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    max_new_tokens: int = 80,
+    max_new_tokens: int = 64,
     batch_size: int = 512,
     seed: int = 0,
     reward_func: Callable[..., list[float]] = boxed_accuracy_reward,
