@@ -367,25 +367,28 @@ def _eval_dataset(name: str):
     return {**MATH_EVAL_DATASETS, **CODE_EVAL_DATASETS}[name]()
 
 
-def arithmetic_benchmark(num_problems: int = 200, seed: int = 0, num_terms: int = 4, max_value: int = 30) -> Benchmark:
-    """Held-out problems of the embedded arithmetic task (`trl_flowrl.tasks`), graded exactly, with exact path ids."""
-    from trl_flowrl.tasks import ArithmeticProblem, arithmetic_dataset, extract_boxed, is_correct, path_id
-
-    def grade(completion: str, row: dict) -> Grade:
-        answer = extract_boxed(completion)
-        correct = is_correct(completion, row["solution"])
-        return Grade(correct, "correct" if correct else ("no_answer" if answer is None else "wrong"), answer)
-
-    grade.required_columns = ("solution", "terms")
+def arithmetic_benchmark(
+    num_problems: int = 200, seed: int = 0, num_terms: int | None = None, max_value: int | None = None
+) -> Benchmark:
+    """Held-out problems of the embedded arithmetic task (`trl_flowrl.tasks`, its default size unless given),
+    graded by the project's math reward (the one the recipes train with), with exact reasoning-path ids."""
+    from trl_flowrl.tasks import MAX_VALUE, NUM_TERMS, ArithmeticProblem, arithmetic_dataset, path_id
 
     def identify(completion: str, row: dict) -> str | None:
         return path_id(ArithmeticProblem(tuple(row["terms"])), completion)
 
-    dataset = arithmetic_dataset(num_problems, seed=seed, split="test", num_terms=num_terms, max_value=max_value)
+    dataset = arithmetic_dataset(
+        num_problems,
+        seed=seed,
+        split="test",
+        num_terms=NUM_TERMS if num_terms is None else num_terms,
+        max_value=MAX_VALUE if max_value is None else max_value,
+    )
     return Benchmark(
         "arithmetic",
         dataset,
-        grade,
+        math_grader(),
+        batched=True,
         path_id=identify,
         max_new_tokens=ARITHMETIC_MAX_NEW_TOKENS,
         description=EMBEDDED_BENCHMARKS["arithmetic"],

@@ -1,0 +1,257 @@
+"""The logic behind the scripts in `recipes/`: data, reward, trainer, and the before/after summary.
+
+A recipe script is three lines: parse `(RecipeArguments, <Algorithm>Config, ModelConfig)` with TRL's `TrlParser` and
+call `run(trainer_cls, ...)`. With no `--config` and no `--model_name_or_path`, `parse_recipe_args` reads the
+script's embedded default (`recipes/configs/embedded/*.yaml`): the tiny model shipped in this package, trained on a
+built-in task, offline, on a CPU, in minutes. With a config file, the same code runs the papers' setups.
+
+What `run` does, in order:
+1. the model: `model_name_or_path`, or the embedded model of the built-in task;
+2. the dataset: a built-in task (`arithmetic`, `programs`) or a loader of `trl_flowrl.data.DATASETS` (from the hub, or
+   from `dataset_path`), minus prompts longer than `max_prompt_length` tokens;
+3. the reward: the math-verify reward (`MathAccuracyReward`) or the sandboxed code reward (`CodeReward`);
+4. for a built-in task, held-out accuracy and distinct correct paths of the initial model (main process);
+5. training, saving the model to `output_dir`;
+6. for a built-in task, the same measurement on the trained model, printed beside the first.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+
+BUILTIN_TASKS = ("arithmetic",)
+MATH_DATASETS = ("dapo_math", "openr1_math", "math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
+CODE_DATASETS = ("deepcoder", "humanevalplus", "livecodebench")
+
+
+@dataclass
+class RecipeArguments(ScriptArguments):
+    """Data, reward and summary options of the recipes (the trainer's options are its config's, the model's
+    `ModelConfig`'s).
+
+    Parameters:
+        dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            `"arithmetic"` (the built-in task, also used when None), or a name of `trl_flowrl.data.DATASETS`:
+            `dapo_math`, `openr1_math`, `deepcoder`, ...
+        dataset_path (`str` or `None`, *optional*, defaults to `None`):
+            A local copy of the hub dataset (a `huggingface-cli download --local-dir` folder, a `save_to_disk`
+            folder or data files), for machines without hub access.
+        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            Drop training prompts longer than this many tokens (chat template included), as veRL's overlong-prompt
+            filter does (the FlowRL paper: 2048). None keeps every prompt.
+        reward (`str` or `None`, *optional*, defaults to `None`):
+            `"math"` (math-verify equivalence of the `\\boxed{}` or `Answer:` answer with the `solution` column) or
+            `"code"` (the last code block run against the `tests` column in a sandbox). None: chosen from the dataset.
+        math_answer_format (`str`, *optional*, defaults to `"auto"`):
+            Where the math reward reads the answer: `"auto"` (the later of the last `\\boxed{}` and the last
+            `Answer:` line), `"boxed"` or `"answer_line"`.
+        code_executor (`str`, *optional*, defaults to `"local"`):
+            `"local"` (a sandboxed subprocess per program, see `trl_flowrl.rewards.LocalSandbox`) or `"sandboxfusion"`
+            (a SandboxFusion server at `sandbox_url`).
+        sandbox_url (`str`, *optional*, defaults to `"http://localhost:8080"`):
+            The SandboxFusion server, for `code_executor="sandboxfusion"`.
+        code_scoring (`str`, *optional*, defaults to `"all_or_nothing"`):
+            `"all_or_nothing"` (1 only if every test passes, the papers' reward) or `"fraction"` of tests passed.
+        code_timeout (`float`, *optional*, defaults to `6.0`):
+            Seconds per test case.
+        code_max_concurrency (`int`, *optional*, defaults to `2`):
+            Programs run at once per process.
+        num_train_problems (`int`, *optional*, defaults to `2000`):
+            Training problems drawn for a built-in task.
+        num_eval_problems (`int`, *optional*, defaults to `64`):
+            Held-out problems of the before/after summary of a built-in task (0 skips the summary).
+        eval_samples (`int`, *optional*, defaults to `8`):
+            Samples per held-out problem in the summary, drawn at the training temperature.
+    """
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "'arithmetic' (built-in, the default) or a name of trl_flowrl.data.DATASETS (dapo_math, ...)."
+        },
+    )
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Local copy of the hub dataset (folder or data files)."}
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Drop prompts longer than this many tokens (FlowRL paper: 2048)."}
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={"help": "'math' or 'code'; None chooses from the dataset.", "choices": ["math", "code", None]},
+    )
+    math_answer_format: str = field(
+        default="auto",
+        metadata={"help": "Where to read the math answer.", "choices": ["auto", "boxed", "answer_line"]},
+    )
+    code_executor: str = field(
+        default="local",
+        metadata={"help": "'local' sandbox or a 'sandboxfusion' server.", "choices": ["local", "sandboxfusion"]},
+    )
+    sandbox_url: str = field(default="http://localhost:8080", metadata={"help": "SandboxFusion server URL."})
+    code_scoring: str = field(
+        default="all_or_nothing",
+        metadata={"help": "Code reward scoring.", "choices": ["all_or_nothing", "fraction"]},
+    )
+    code_timeout: float = field(default=6.0, metadata={"help": "Seconds per test case."})
+    code_max_concurrency: int = field(default=2, metadata={"help": "Programs run at once per process."})
+    num_train_problems: int = field(default=2000, metadata={"help": "Training problems of a built-in task."})
+    num_eval_problems: int = field(
+        default=64, metadata={"help": "Held-out problems of a built-in task's summary (0: no summary)."}
+    )
+    eval_samples: int = field(default=8, metadata={"help": "Samples per held-out problem in the summary."})
+
+    def __post_init__(self):
+        name = self.dataset_name or "arithmetic"
+        if name not in BUILTIN_TASKS + MATH_DATASETS + CODE_DATASETS:
+            raise ValueError(
+                f"Unknown dataset_name {self.dataset_name!r}: use one of {list(BUILTIN_TASKS + MATH_DATASETS + CODE_DATASETS)}."
+            )
+        if self.reward is None:
+            self.reward = "code" if name in CODE_DATASETS else "math"
+
+
+def parse_recipe_args(config_cls, embedded_config: str | Path, argv: list[str] | None = None):
+    """Parse `(RecipeArguments, config_cls, ModelConfig)` from the command line and `--config`.
+
+    With neither `--config` nor `--model_name_or_path`, the embedded default `embedded_config` is read first, so
+    `python recipes/flowrl_math.py` (and any override such as `--max_steps 50`) trains the embedded model.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == flag or a.startswith(flag + "=") for a in argv for flag in ("--config", "--model_name_or_path")):
+        argv = ["--config", str(embedded_config), *argv]
+    parser = TrlParser((RecipeArguments, config_cls, ModelConfig))
+    return parser.parse_args_and_config(args=argv)
+
+
+def _load_dataset(script_args: RecipeArguments, seed: int):
+    if (script_args.dataset_name or "arithmetic") == "arithmetic":
+        from trl_flowrl.tasks import arithmetic_dataset
+
+        return arithmetic_dataset(script_args.num_train_problems, seed=seed, split="train")
+    from trl_flowrl.data import DATASETS
+
+    return DATASETS[script_args.dataset_name](local_path=script_args.dataset_path)
+
+
+def _drop_long_prompts(dataset, tokenizer, max_prompt_length: int):
+    def short_enough(row):
+        ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        return len(ids) <= max_prompt_length
+
+    kept = dataset.filter(short_enough, desc="Dropping overlong prompts")
+    print(f"Kept {len(kept)} of {len(dataset)} prompts of at most {max_prompt_length} tokens.")
+    return kept
+
+
+def _build_reward(script_args: RecipeArguments):
+    if script_args.reward == "math":
+        from trl_flowrl.rewards import MathAccuracyReward
+
+        return MathAccuracyReward(answer_format=script_args.math_answer_format)
+    from trl_flowrl.rewards import CodeReward, LocalSandbox, SandboxFusionExecutor, SandboxLimits
+
+    if script_args.code_executor == "sandboxfusion":
+        executor = SandboxFusionExecutor(script_args.sandbox_url, max_concurrency=script_args.code_max_concurrency)
+    else:
+        executor = LocalSandbox(
+            SandboxLimits(timeout_s=script_args.code_timeout), max_concurrency=script_args.code_max_concurrency
+        )
+    return CodeReward(executor, scoring=script_args.code_scoring, timeout_per_test=script_args.code_timeout)
+
+
+def _summary_benchmark(script_args: RecipeArguments, seed: int):
+    """The held-out problems of a built-in task, or None (no summary) for a hub dataset."""
+    if (script_args.dataset_name or "arithmetic") != "arithmetic" or script_args.num_eval_problems <= 0:
+        return None
+    from trl_flowrl.evaluation import arithmetic_benchmark
+
+    return arithmetic_benchmark(num_problems=script_args.num_eval_problems, seed=seed)
+
+
+def _measure(model_path: str, benchmark, script_args: RecipeArguments, training_args) -> dict:
+    from trl_flowrl.evaluation import evaluate
+
+    start = time.perf_counter()
+    results = evaluate(
+        model_path,
+        [benchmark],
+        num_samples=script_args.eval_samples,
+        temperature=training_args.temperature,
+        top_p=1.0,
+        max_new_tokens=training_args.max_completion_length,
+        backend="transformers",
+        seed=training_args.seed,
+        plots=False,
+        progress=False,
+    )
+    (entry,) = results["models"].values()
+    scores = entry["benchmarks"][benchmark.name]
+    return {
+        "accuracy": scores["avg_at_k"],
+        "distinct_correct_paths": scores["diversity"]["distinct_correct_paths"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _print_summary(name: str, benchmark, before: dict, after: dict, train_seconds: float, samples: int) -> None:
+    print(
+        f"\n{name} on {len(benchmark)} held-out problems x {samples} samples "
+        f"(training took {train_seconds / 60:.1f} min):\n"
+        f"  accuracy (avg@{samples})                   {100 * before['accuracy']:5.1f}% -> {100 * after['accuracy']:5.1f}%\n"
+        f"  distinct correct paths per problem     {before['distinct_correct_paths']:5.2f}  -> "
+        f"{after['distinct_correct_paths']:5.2f}\n"
+    )
+
+
+def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: ModelConfig):
+    """Train `trainer_cls` (GRPOTrainer or a subclass) as configured; returns the trainer."""
+    from transformers import AutoTokenizer
+
+    from trl_flowrl.tasks import embedded_model_path
+
+    model_path = model_args.model_name_or_path or embedded_model_path()
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+    dataset = _load_dataset(script_args, training_args.seed)
+    if script_args.max_prompt_length is not None:
+        dataset = _drop_long_prompts(dataset, tokenizer, script_args.max_prompt_length)
+
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    benchmark = _summary_benchmark(script_args, training_args.seed)
+    before = _measure(model_path, benchmark, script_args, training_args) if benchmark and is_main else None
+
+    trainer = trainer_cls(
+        model=model_path,
+        reward_funcs=[_build_reward(script_args)],
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.perf_counter() - start
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+
+    if before is not None and trainer.accelerator.is_main_process:
+        after = _measure(training_args.output_dir, benchmark, script_args, training_args)
+        _print_summary(trainer_cls.__name__, benchmark, before, after, train_seconds, script_args.eval_samples)
+        trainer.summary = {"before": before, "after": after, "train_seconds": train_seconds}
+    trainer.accelerator.wait_for_everyone()
+    return trainer
