@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "configs" / "embedded"
 TRAINER_NAMES = ("grpo", "flowrl", "exgrpo")
-LABELS = {"grpo": "GRPO", "flowrl": "FlowRL", "exgrpo": "ExGRPO"}
+LABELS = {"grpo": "GRPO", "flowrl": "FlowRL", "exgrpo": "ExGRPO", "exgrpo_no_replay": "ExGRPO, replay_ratio 0"}
 DEFAULT_CACHE = REPO / "outputs" / "benchmarks" / "runs"
 RUN_FORMAT = 1  # bump when the tracking changes what a run records
 
@@ -90,7 +90,9 @@ def path_distribution_distance(policy_logps: Mapping[str, float], reference_logp
     - `kl`: `KL(q || p) = Σ q log(q / p)` (nats), the direction FlowRL minimises;
     - `kl_reverse`: `KL(p || q)` (nats), large when the policy drops paths the target keeps;
     - `policy_mass`, `reference_mass`: `Σ π` over the valid paths (the rest is on other completions);
-    - `policy_entropy`, `reference_entropy`: entropies (nats) of `q` and `p`.
+    - `policy_entropy`, `reference_entropy`: entropies (nats) of `q` and `p`;
+    - `policy_top`, `reference_top`: the largest probability of `q` and of `p` (1 for a collapsed distribution);
+    - `policy_on_reference_top`: `q` of the reference's likeliest path (ties: the first path id in sorted order).
 
     Raises ValueError when the two do not hold the same paths or hold none.
     """
@@ -114,6 +116,9 @@ def path_distribution_distance(policy_logps: Mapping[str, float], reference_logp
         "reference_mass": math.exp(log_p_total),
         "policy_entropy": -sum(a * la for a, la in zip(q, log_q) if a > 0),
         "reference_entropy": -sum(b * lb for b, lb in zip(p, log_p) if b > 0),
+        "policy_top": max(q),
+        "reference_top": max(p),
+        "policy_on_reference_top": q[p.index(max(p))],
     }
 
 
@@ -367,10 +372,13 @@ def tracked_run(
     cache_dir: str | os.PathLike = DEFAULT_CACHE,
     use_cache: bool = True,
     log=print,
+    extra_overrides: Sequence[str] = (),
 ) -> dict:
     """Train `name` ("grpo", "flowrl" or "exgrpo") for `steps` steps with seed `seed`, tracked by `spec`.
 
-    Returns the run record (see the module docstring); its `model_dir` holds the final policy.
+    `extra_overrides` (command-line flags, e.g. `["--replay_ratio", "0.0"]`) change the recipe's settings: for an
+    ablation only, the benchmarks' own comparisons use none. Returns the run record (see the module docstring); its
+    `model_dir` holds the final policy.
     """
     import torch
     from transformers import AutoTokenizer, PrinterCallback
@@ -381,13 +389,13 @@ def tracked_run(
     trainer_cls, config_cls = _trainer_classes(name)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
-    overrides = ["--seed", str(seed), "--max_steps", str(steps), "--disable_tqdm", "true"]
+    overrides = ["--seed", str(seed), "--max_steps", str(steps), "--disable_tqdm", "true", *extra_overrides]
     run_dir = Path(cache_dir) / f"{name}-seed{seed}-steps{steps}-{_run_key(name, overrides, spec)}"
     record_path = run_dir / "run.json"
     if use_cache and record_path.is_file() and (run_dir / "model" / "config.json").is_file():
         record = json.loads(record_path.read_text())
         record["cached"] = True
-        log(f"{LABELS[name]} seed {seed}: reusing the cached run {run_dir}")
+        log(f"{LABELS[name]} seed {seed}{' '.join(['', *extra_overrides])}: reusing the cached run {run_dir}")
         return record
 
     script_args, training_args, model_args = parse_recipe_args(
@@ -408,7 +416,10 @@ def tracked_run(
     curve: list[dict] = []
     trainer.add_callback(_callback(tracker, trainer, curve, log))
 
-    log(f"{LABELS[name]} seed {seed}: {steps} steps, evaluated every {spec.every} ({run_dir.name})")
+    log(
+        f"{LABELS[name]} seed {seed}{' '.join(['', *extra_overrides])}: {steps} steps, evaluated every {spec.every} "
+        f"({run_dir.name})"
+    )
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -513,7 +524,7 @@ def run_summary(record: dict) -> dict:
     return {key: value for key, value in record.items() if key != "model_dir"}
 
 
-COLORS = {"grpo": "tab:blue", "flowrl": "tab:orange", "exgrpo": "tab:green"}
+COLORS = {"grpo": "tab:blue", "flowrl": "tab:orange", "exgrpo": "tab:green", "exgrpo_no_replay": "tab:olive"}
 
 
 def plot_metric(ax, runs: dict[str, list[dict]], y, x="step", ylabel=None, xlabel=None) -> None:

@@ -18,6 +18,11 @@ as GRPO but *uses* fewer fresh ones. Both counts are reported; "rollouts" withou
   GRPO's run of the same seed). For reference, also the rollouts GRPO's own curve needed to first reach that value.
 - Accuracy at equal rollouts: both curves at each evaluation point (same rollouts generated).
 
+Ablation (on by default, `--no-ablation` skips it): ExGRPO with `replay_ratio 0`, i.e. the same trainer, loss (Dr. GRPO
+aggregation, no std scaling of the advantage, fresh tokens unclipped after the switch) and retirement of solved
+questions, without replay. It is not part of the target; it separates what replay does from what ExGRPO's other
+defaults do, against GRPO's (DAPO aggregation, std-scaled advantages).
+
 Target (issue 6): at most 0.7x GRPO's rollouts. Prints the figures and whether the target is met, and writes
 `experience.json` and `experience.png` to `--output-dir`. Nothing is tuned to meet the target.
 """
@@ -31,6 +36,7 @@ import arithmetic_runs as ar
 
 TRAINERS = ("grpo", "exgrpo")
 ROLLOUTS_TARGET = 0.7
+ABLATION = ("exgrpo_no_replay", "exgrpo", ["--replay_ratio", "0.0"])
 
 
 def crossing(grpo_curves: list[list[dict]], exgrpo_curves: list[list[dict]], x_key: str) -> dict:
@@ -54,10 +60,6 @@ def crossing(grpo_curves: list[list[dict]], exgrpo_curves: list[list[dict]], x_k
     }
 
 
-def fmt_count(value) -> str:
-    return "never" if value is None else f"{value:.0f}"
-
-
 def fmt_ratio(value) -> str:
     return "not reached" if value is None else f"{value:.2f}x"
 
@@ -65,16 +67,32 @@ def fmt_ratio(value) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ar.add_run_arguments(parser)
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ExGRPO runs with replay_ratio 0")
     args = parser.parse_args(argv)
     seeds, spec, output_dir = ar.resolve_run_arguments(args)
     ar.quiet()
     start = time.perf_counter()
 
     runs = {name: [] for name in TRAINERS}
+    ablation_key, ablation_trainer, ablation_overrides = ABLATION
+    if not args.no_ablation:
+        runs[ablation_key] = []
     for seed in seeds:
         for name in TRAINERS:
             runs[name].append(
                 ar.tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+            )
+        if not args.no_ablation:
+            runs[ablation_key].append(
+                ar.tracked_run(
+                    ablation_trainer,
+                    seed,
+                    args.steps,
+                    spec,
+                    cache_dir=args.cache_dir,
+                    use_cache=not args.no_cache,
+                    extra_overrides=ablation_overrides,
+                )
             )
     grpo_curves = [r["curve"] for r in runs["grpo"]]
     exgrpo_curves = [r["curve"] for r in runs["exgrpo"]]
@@ -99,6 +117,22 @@ def main(argv=None) -> dict:
         }
         for g, e in zip(_mean_points(grpo_curves), _mean_points(exgrpo_curves))
     ]
+    ablation = None
+    if not args.no_ablation:
+        plain_curves = [r["curve"] for r in runs[ablation_key]]
+        for point, p in zip(equal, _mean_points(plain_curves)):
+            point["exgrpo_no_replay_accuracy"] = p["accuracy"]
+        ablation = {
+            "description": "ExGRPO with replay_ratio 0: ExGRPO's loss and retirement, no replay (not in the target)",
+            "overrides": ablation_overrides,
+            "final_accuracy": ar.summarize([c[-1]["accuracy"] for c in plain_curves]),
+            "exgrpo_minus_no_replay_final_per_seed": [
+                e[-1]["accuracy"] - c[-1]["accuracy"] for e, c in zip(exgrpo_curves, plain_curves)
+            ],
+            "no_replay_to_reach_grpo_final": crossing(grpo_curves, plain_curves, "rollouts_generated"),
+            # ExGRPO against its own trainer without replay: rollouts to reach the no-replay run's final accuracy
+            "exgrpo_to_reach_no_replay_final": crossing(plain_curves, exgrpo_curves, "rollouts_generated"),
+        }
     final_gap = [e[-1]["accuracy"] - g[-1]["accuracy"] for g, e in zip(grpo_curves, exgrpo_curves)]
     met = mean["ratio"] is not None and mean["ratio"] <= ROLLOUTS_TARGET
     target = {
@@ -117,12 +151,14 @@ def main(argv=None) -> dict:
     }
 
     print(f"\nHeld-out accuracy at equal rollouts generated (mean over seeds {seeds}):")
-    print(f"{'step':>5s} {'rollouts':>9s} {'GRPO':>7s} {'ExGRPO':>7s} {'diff':>6s}   ExGRPO fresh rollouts used")
+    header = f"{'step':>5s} {'rollouts':>9s} {'GRPO':>7s} {'ExGRPO':>7s} {'diff':>6s} {'fresh used':>11s}"
+    print(header + ("   ExGRPO, replay_ratio 0" if ablation else ""))
     for p in equal:
         print(
             f"{p['step']:5d} {p['rollouts_generated']:9.0f} {100 * p['grpo_accuracy']:6.1f}% "
-            f"{100 * p['exgrpo_accuracy']:6.1f}% {100 * (p['exgrpo_accuracy'] - p['grpo_accuracy']):+6.1f}   "
-            f"{p['exgrpo_fresh_rollouts_used']:.0f}"
+            f"{100 * p['exgrpo_accuracy']:6.1f}% {100 * (p['exgrpo_accuracy'] - p['grpo_accuracy']):+6.1f} "
+            f"{p['exgrpo_fresh_rollouts_used']:11.0f}"
+            + (f"   {100 * p['exgrpo_no_replay_accuracy']:6.1f}%" if ablation else "")
         )
     print(
         f"\nExGRPO - GRPO final accuracy per seed: {', '.join(f'{100 * g:+.1f}' for g in final_gap)} points; "
@@ -130,13 +166,18 @@ def main(argv=None) -> dict:
     )
     print(
         f"GRPO final accuracy {100 * mean['grpo_final_accuracy']:.1f}% after {mean['grpo_rollouts']:.0f} rollouts "
-        f"(its own curve first reached it at {fmt_count(mean['grpo_first_reach_rollouts'])})."
+        f"(its own curve first reached it at {mean['grpo_first_reach_rollouts']:.0f})."
     )
+    if mean["exgrpo_rollouts_to_reach"] is None:
+        reached = f"ExGRPO did not reach it within {mean['exgrpo_final_rollouts']:.0f} generated rollouts"
+    else:
+        reached = (
+            f"ExGRPO reached it after {mean['exgrpo_rollouts_to_reach']:.0f} generated rollouts, "
+            f"{fmt_ratio(mean['ratio'])} GRPO's"
+        )
     print(
-        f"ExGRPO reached it after {fmt_count(mean['exgrpo_rollouts_to_reach'])} generated rollouts = "
-        f"{fmt_ratio(mean['ratio'])} GRPO's (per seed: {', '.join(fmt_ratio(s['ratio']) for s in per_seed)}); "
-        f"in fresh rollouts used {fmt_ratio(mean_fresh['ratio'])} "
-        f"(per seed: {', '.join(fmt_ratio(s['ratio']) for s in per_seed_fresh)})."
+        f"{reached} (per seed: {', '.join(fmt_ratio(s['ratio']) for s in per_seed)}); in fresh rollouts used "
+        f"{fmt_ratio(mean_fresh['ratio'])} (per seed: {', '.join(fmt_ratio(s['ratio']) for s in per_seed_fresh)})."
     )
     verdict = (
         "met"
@@ -144,6 +185,18 @@ def main(argv=None) -> dict:
         else ("MISSED (not reached)" if mean["ratio"] is None else f"MISSED by {target['shortfall']:.2f}x")
     )
     print(f"Target: at most {ROLLOUTS_TARGET}x GRPO's rollouts: {fmt_ratio(mean['ratio'])}, {verdict}")
+    if ablation:
+        own = ablation["exgrpo_to_reach_no_replay_final"]
+        print(
+            f"Ablation, ExGRPO with replay_ratio 0: final accuracy {100 * ablation['final_accuracy']['mean']:.1f}% "
+            f"({', '.join(f'{100 * v:.1f}' for v in ablation['final_accuracy']['per_seed'])}); ExGRPO minus it per "
+            f"seed: {', '.join(f'{100 * d:+.1f}' for d in ablation['exgrpo_minus_no_replay_final_per_seed'])} points; "
+            f"ExGRPO {'never reached' if own['ratio'] is None else 'reached'} its final accuracy "
+            f"({100 * own['grpo_final_accuracy']:.1f}%)"
+            + ("" if own["ratio"] is None else f" with {own['ratio']:.2f}x its rollouts")
+            + "; rollouts for it to reach GRPO's final accuracy: "
+            f"{fmt_ratio(ablation['no_replay_to_reach_grpo_final']['ratio'])} of GRPO's."
+        )
 
     report = ar.report_header("experience", args.smoke, ar.run_settings(args, seeds, spec))
     report.update(
@@ -157,6 +210,7 @@ def main(argv=None) -> dict:
             },
             "final_accuracy_gap_per_seed": final_gap,
             "replay": replay,
+            "ablation_no_replay": ablation,
             "target": target,
             "runs": {name: [ar.run_summary(r) for r in records] for name, records in runs.items()},
         }

@@ -36,7 +36,18 @@ import arithmetic_runs as ar
 
 
 TRAINERS = ("grpo", "flowrl")
-KEYS = ("tv", "kl", "kl_reverse", "policy_mass", "reference_mass", "policy_entropy", "reference_entropy")
+KEYS = (
+    "tv",
+    "kl",
+    "kl_reverse",
+    "policy_mass",
+    "reference_mass",
+    "policy_entropy",
+    "reference_entropy",
+    "policy_top",
+    "reference_top",
+    "policy_on_reference_top",
+)
 
 
 def anchors(reference: list[dict[str, float]]) -> dict:
@@ -118,6 +129,8 @@ def main(argv=None) -> dict:
         "kl_reverse": "KL(target || policy) (nats)",
         "policy_mass": "mass on valid paths",
         "policy_entropy": "entropy over paths (nats)",
+        "policy_top": "largest path probability",
+        "policy_on_reference_top": "on the target's likeliest path",
     }
     print(f"{'':30s} {'GRPO':>28s} {'FlowRL':>28s}")
     for key, label in labels.items():
@@ -128,9 +141,10 @@ def main(argv=None) -> dict:
         print(f"{label:30s} {cells[0]:>28s} {cells[1]:>28s}")
     reference_mass = summary["grpo"]["reference_mass"]["mean"]
     reference_entropy = summary["grpo"]["reference_entropy"]["mean"]
+    reference_top = summary["grpo"]["reference_top"]["mean"]
     print(
         f"reference (the target): mass on valid paths {reference_mass:.3f}, entropy over paths "
-        f"{reference_entropy:.3f} nats"
+        f"{reference_entropy:.3f} nats, largest path probability {reference_top:.3f}"
     )
     for anchor, values in scale.items():
         print(
@@ -180,10 +194,16 @@ def plot(runs, summary, scale, example, path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     ar.plot_metric(axes[0], runs, lambda p: p["target"]["tv"], ylabel="total variation to the target")
     axes[0].set_xlabel("training step (tracked held-out problems)")
-    axes[0].axhline(scale["collapsed"]["tv"], color="gray", linestyle="--", linewidth=1, label="collapsed policy")
+    axes[0].axhline(
+        scale["collapsed"]["tv"],
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label="collapsed policy (benchmark's problems)",
+    )
     axes[0].legend()
 
-    keys = [("tv", "TV"), ("kl", "KL(q||p)"), ("kl_reverse", "KL(p||q)"), ("policy_mass", "valid mass")]
+    keys = [("tv", "TV"), ("kl", "KL(q||p)"), ("policy_mass", "valid mass"), ("policy_top", "top path")]
     width = 0.38
     for offset, name in zip((-width / 2, width / 2), TRAINERS):
         xs = [i + offset for i in range(len(keys))]
@@ -193,7 +213,7 @@ def plot(runs, summary, scale, example, path) -> None:
         for x, (k, _) in zip(xs, keys):
             axes[1].scatter([x] * len(summary[name][k]["per_seed"]), summary[name][k]["per_seed"], color="k", s=8)
     axes[1].set_xticks(range(len(keys)), [label for _, label in keys])
-    axes[1].set_title("final policies, mean over seeds (dots: seeds)", fontsize=10)
+    axes[1].set_title("final policies, mean over seeds (dots: seeds); KL(p||q) in the JSON", fontsize=10)
     axes[1].legend()
     axes[1].grid(alpha=0.3, axis="y")
 

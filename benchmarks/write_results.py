@@ -23,7 +23,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-LABELS = {"grpo": "GRPO", "grpo_kl": "GRPO + KL", "flowrl": "FlowRL", "exgrpo": "ExGRPO"}
+LABELS = {
+    "grpo": "GRPO",
+    "grpo_kl": "GRPO + KL",
+    "flowrl": "FlowRL",
+    "exgrpo": "ExGRPO",
+    "exgrpo_no_replay": "ExGRPO with replay_ratio 0",
+}
 FILES = {
     "distribution_matching": "distribution_matching.json",
     "experience": "experience.json",
@@ -84,7 +90,8 @@ def _compute_time(report: dict) -> str:
     }
     steps = ", ".join(f"{_label(n)} {v:.2f} s" for n, v in per_step.items())
     return (
-        f"Runs: {len(runs)}, {_minutes(train)} of training and {_minutes(evaluation)} of held-out evaluation "
+        f"Runs used: {len(runs)} (a run shared with another benchmark is counted in each), {_minutes(train)} of "
+        f"training and {_minutes(evaluation)} of held-out evaluation "
         f"(mean step: {steps})."
     )
 
@@ -190,7 +197,13 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
     fresh = report["to_reach_grpo_final_fresh"]["mean_curves"]
     fresh_per_seed = report["to_reach_grpo_final_fresh"]["per_seed"]
     acc = report["final_accuracy"]
-    reached = "never" if mean["exgrpo_rollouts_to_reach"] is None else f"{mean['exgrpo_rollouts_to_reach']:.0f}"
+    if mean["exgrpo_rollouts_to_reach"] is None:
+        reached = f"ExGRPO's mean curve did not reach it within {mean['exgrpo_final_rollouts']:.0f} generated rollouts"
+    else:
+        reached = (
+            f"ExGRPO reached it after {mean['exgrpo_rollouts_to_reach']:.0f} generated rollouts, "
+            f"{_ratio(mean['ratio'])} GRPO's"
+        )
     grpo_first = mean["grpo_first_reach_rollouts"]
     lines += [
         "",
@@ -198,8 +211,8 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
         f"{mean['grpo_rollouts']:.0f} generated rollouts"
         + ("" if grpo_first is None else f" (its own mean curve first reached that value at {grpo_first:.0f})")
         + ".",
-        f"- ExGRPO reached it after {reached} generated rollouts: {_ratio(mean['ratio'])} GRPO's (per seed, against "
-        f"GRPO's run of the same seed: {', '.join(_ratio(s['ratio']) for s in per_seed)}). In fresh rollouts used "
+        f"- {reached} (per seed, against GRPO's run of the same seed: "
+        f"{', '.join(_ratio(s['ratio']) for s in per_seed)}). In fresh rollouts used "
         f"(generated minus those replaced by replays): {_ratio(fresh['ratio'])} "
         f"(per seed {', '.join(_ratio(s['ratio']) for s in fresh_per_seed)}).",
         f"- Final held-out accuracy: GRPO {100 * acc['grpo']['mean']:.1f}% "
@@ -209,16 +222,41 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
     ]
     t = report["target"]
     miss = "" if t["met"] or t["shortfall"] is None else f", over by {t['shortfall']:.2f}x"
+    if t["ratio"] is None:
+        miss = (
+            f": ExGRPO's mean curve never reached GRPO's final accuracy within {mean['exgrpo_final_rollouts']:.0f} "
+            "rollouts"
+        )
     lines += ["", f"Target: at most {t['target']}x GRPO's rollouts: {_ratio(t['ratio'])}, {_verdict(t['met'])}{miss}."]
-    lines += [
-        "",
-        "| step | rollouts generated | GRPO accuracy (%) | ExGRPO accuracy (%) | ExGRPO fresh rollouts used |",
-    ]
-    lines += ["|---:|---:|---:|---:|---:|"]
+    ablation = report.get("ablation_no_replay")
+    if ablation:
+        final = ablation["final_accuracy"]
+        own = ablation["exgrpo_to_reach_no_replay_final"]
+        lines += [
+            "",
+            "Ablation (not part of the target): ExGRPO with `replay_ratio 0`, i.e. ExGRPO's loss and retirement "
+            f"without replay, ends at {100 * final['mean']:.1f}% ({_per_seed(final['per_seed'], '{:.1f}', 100)}); "
+            "ExGRPO minus it per seed: "
+            f"{', '.join(f'{100 * d:+.1f}' for d in ablation['exgrpo_minus_no_replay_final_per_seed'])} points; "
+            + (
+                "ExGRPO never reached the ablation's final accuracy"
+                if own["ratio"] is None
+                else f"ExGRPO reached the ablation's final accuracy with {own['ratio']:.2f}x its rollouts"
+            )
+            + "; rollouts for the ablation to reach GRPO's final accuracy: "
+            f"{_ratio(ablation['no_replay_to_reach_grpo_final']['ratio'])} of GRPO's.",
+        ]
+    header = "| step | rollouts generated | GRPO accuracy (%) | ExGRPO accuracy (%) | ExGRPO fresh rollouts used |"
+    rule = "|---:|---:|---:|---:|---:|"
+    if ablation:
+        header += " ExGRPO, replay_ratio 0 (%) |"
+        rule += "---:|"
+    lines += ["", header, rule]
     for p in report["equal_rollouts"]:
         lines.append(
             f"| {p['step']} | {p['rollouts_generated']:.0f} | {100 * p['grpo_accuracy']:.1f} | "
             f"{100 * p['exgrpo_accuracy']:.1f} | {p['exgrpo_fresh_rollouts_used']:.0f} |"
+            + (f" {100 * p['exgrpo_no_replay_accuracy']:.1f} |" if ablation else "")
         )
     return lines + _image(results_dir, readme_dir, "experience", "accuracy against rollouts")
 
@@ -242,6 +280,8 @@ def render_target_distribution(report: dict, results_dir: Path, readme_dir: Path
         ("kl_reverse", "KL(target ‖ policy) (nats)"),
         ("policy_mass", "probability mass on valid paths"),
         ("policy_entropy", "entropy over the valid paths (nats)"),
+        ("policy_top", "largest probability of a path (renormalised)"),
+        ("policy_on_reference_top", "probability of the target's likeliest path"),
     )
     lines += ["", "| final policy | GRPO mean (per seed) | FlowRL mean (per seed) |", "|---|---:|---:|"]
     for key, label in rows:
@@ -256,7 +296,8 @@ def render_target_distribution(report: dict, results_dir: Path, readme_dir: Path
     lines += [
         "",
         f"The reference (the target) puts {reference_mass:.3f} of its mass on valid paths, with entropy "
-        f"{reference_entropy:.3f} nats over them. For scale: a policy collapsed onto the reference's likeliest path "
+        f"{reference_entropy:.3f} nats over them; its likeliest path has {summary['grpo']['reference_top']['mean']:.3f} "
+        "of the renormalised mass. For scale: a policy collapsed onto the reference's likeliest path "
         f"would be at total variation {collapsed['tv']:.3f} and KL {collapsed['kl']:.3f} nats; the uniform "
         f"distribution over the paths at {uniform['tv']:.3f} and {uniform['kl']:.3f} nats.",
     ]

@@ -37,6 +37,10 @@ def test_path_distribution_distance_hand_values():
     assert d["reference_mass"] == pytest.approx(0.4)
     assert d["policy_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
     assert d["reference_entropy"] == pytest.approx(math.log(2))
+    assert d["policy_top"] == pytest.approx(0.75) and d["reference_top"] == pytest.approx(0.5)
+    assert d["policy_on_reference_top"] == pytest.approx(0.75)  # tie in the reference: the first id, "a"
+    d = ar.path_distribution_distance(reference, policy)
+    assert d["policy_on_reference_top"] == pytest.approx(0.5)
 
 
 def test_path_distribution_distance_edge_cases():
