@@ -1,0 +1,241 @@
+"""Benchmark 4: how close does training bring the policy to FlowRL's target distribution over correct paths?
+
+    python benchmarks/bench_target_distribution.py                # the final models of benchmark 2 (3 seeds)
+    python benchmarks/bench_target_distribution.py --problems 512
+    python benchmarks/bench_target_distribution.py --smoke        # a few seconds' check that it runs
+
+FlowRL's target is `p*(y|x) ∝ π_ref(y|x) · exp(β · r(x,y))`. On the embedded arithmetic task every valid reasoning path
+of a problem can be enumerated (up to 18 for four terms), and all of them are correct, with the same reward: among
+them the target is the reference model (the embedded model before training) renormalised. For each held-out problem
+this script computes, with `trl_flowrl.tasks.path_log_probs` (exact probabilities at temperature 1, end-of-sequence
+token included), the trained policy's probabilities of every valid path and the reference's, renormalises both over
+the valid paths, and reports, averaged over problems:
+
+- total variation `½ Σ |q - p|` and `KL(q || p)` (the direction FlowRL minimises), and `KL(p || q)`;
+- the probability mass the policy and the reference put on valid paths at all (the rest is on wrong or malformed
+  completions);
+- the entropies of `q` and `p` over the paths.
+
+For scale, two fixed distributions are measured the same way: a policy collapsed onto the reference's most likely
+path, and the uniform distribution over the paths.
+
+The policies are the final models of FlowRL and GRPO runs with the recipes' settings (the runs of benchmark 2, reused
+from the run cache, or trained here with the same options). The curves over training come from the runs' own tracking
+(the same measure on the tracked held-out problems). Caveat: FlowRL's loss uses length-normalised log-probabilities,
+so its fixed point is not exactly `π_ref` renormalised when a problem's paths differ in length (they differ by a few
+characters). No target is set by issue 6 for this benchmark. Writes `target_distribution.json` and
+`target_distribution.png` to `--output-dir`.
+"""
+
+import argparse
+import math
+import sys
+import time
+
+import arithmetic_runs as ar
+
+
+TRAINERS = ("grpo", "flowrl")
+KEYS = (
+    "tv",
+    "kl",
+    "kl_reverse",
+    "policy_mass",
+    "reference_mass",
+    "policy_entropy",
+    "reference_entropy",
+    "policy_top",
+    "reference_top",
+    "policy_on_reference_top",
+)
+
+
+def anchors(reference: list[dict[str, float]]) -> dict:
+    """Distances to the target of a collapsed policy (all mass on the reference's likeliest path) and of the uniform
+    distribution over the paths, averaged over problems."""
+    collapsed, uniform = [], []
+    for logps in reference:
+        top = max(logps, key=logps.get)
+        # a point mass is the limit of a vanishing temperature: give the other paths a negligible log-probability
+        collapsed.append(ar.path_distribution_distance({k: 0.0 if k == top else -1e4 for k in logps}, logps))
+        uniform.append(ar.path_distribution_distance(dict.fromkeys(logps, 0.0), logps))
+    keep = ("tv", "kl", "policy_entropy")
+    return {
+        "collapsed": {k: v for k, v in ar.mean_distance(collapsed).items() if k in keep},
+        "uniform": {k: v for k, v in ar.mean_distance(uniform).items() if k in keep},
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ar.add_run_arguments(parser)
+    parser.add_argument("--problems", type=int, default=256, help="held-out problems to measure (default 256)")
+    parser.add_argument("--problem-seed", type=int, default=0, help="seed of the held-out problems")
+    args = parser.parse_args(argv)
+    seeds, spec, output_dir = ar.resolve_run_arguments(args)
+    if args.smoke:
+        args.problems = 4
+    ar.quiet()
+    start = time.perf_counter()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_flowrl.tasks import embedded_model_path, generate_problems, path_log_probs
+
+    runs = {name: [] for name in TRAINERS}
+    for seed in seeds:
+        for name in TRAINERS:
+            runs[name].append(
+                ar.tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+            )
+
+    measure_start = time.perf_counter()
+    problems = generate_problems(args.problems, seed=args.problem_seed, split="test")
+    reference_path = embedded_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(reference_path)
+
+    def logps_of(path):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        return [path_log_probs(model, tokenizer, problem) for problem in problems]
+
+    reference = logps_of(reference_path)
+    results = {name: [] for name in TRAINERS}
+    example_index = max(range(len(problems)), key=lambda i: (len(reference[i]), -i))  # most paths, first such
+    example = {
+        "terms": list(problems[example_index].terms),
+        "paths": sorted(reference[example_index], key=reference[example_index].get, reverse=True),
+    }
+    example["reference"] = _renormalised(reference[example_index], example["paths"])
+    for name in TRAINERS:
+        for seed, record in zip(seeds, runs[name]):
+            policy = logps_of(record["model_dir"])
+            per_problem = [ar.path_distribution_distance(q, p) for q, p in zip(policy, reference)]
+            results[name].append({"seed": seed, **ar.mean_distance(per_problem)})
+            if seed == seeds[0]:
+                example[name] = _renormalised(policy[example_index], example["paths"])
+    measure_seconds = time.perf_counter() - measure_start
+
+    summary = {name: {key: ar.summarize([r[key] for r in results[name]]) for key in KEYS} for name in TRAINERS}
+    scale = anchors(reference)
+    paths_per_problem = sum(len(r) for r in reference) / len(reference)
+
+    print(
+        f"\nDistance to FlowRL's target over the valid paths of {len(problems)} held-out problems "
+        f"({paths_per_problem:.1f} paths per problem on average; seeds {seeds}, per-seed values in brackets):"
+    )
+    labels = {
+        "tv": "total variation",
+        "kl": "KL(policy || target) (nats)",
+        "kl_reverse": "KL(target || policy) (nats)",
+        "policy_mass": "mass on valid paths",
+        "policy_entropy": "entropy over paths (nats)",
+        "policy_top": "largest path probability",
+        "policy_on_reference_top": "on the target's likeliest path",
+    }
+    print(f"{'':30s} {'GRPO':>28s} {'FlowRL':>28s}")
+    for key, label in labels.items():
+        cells = []
+        for name in TRAINERS:
+            s = summary[name][key]
+            cells.append(f"{s['mean']:.3f} [{', '.join(f'{v:.3f}' for v in s['per_seed'])}]")
+        print(f"{label:30s} {cells[0]:>28s} {cells[1]:>28s}")
+    reference_mass = summary["grpo"]["reference_mass"]["mean"]
+    reference_entropy = summary["grpo"]["reference_entropy"]["mean"]
+    reference_top = summary["grpo"]["reference_top"]["mean"]
+    print(
+        f"reference (the target): mass on valid paths {reference_mass:.3f}, entropy over paths "
+        f"{reference_entropy:.3f} nats, largest path probability {reference_top:.3f}"
+    )
+    for anchor, values in scale.items():
+        print(
+            f"for scale, a {anchor} policy: total variation {values['tv']:.3f}, KL(policy || target) "
+            f"{values['kl']:.3f} nats, entropy {values['policy_entropy']:.3f} nats"
+        )
+
+    report = ar.report_header("target_distribution", args.smoke, ar.run_settings(args, seeds, spec))
+    report["settings"].update({"problems": args.problems, "problem_seed": args.problem_seed})
+    report.update(
+        {
+            "wall_time_s": time.perf_counter() - start,
+            "measure_seconds": measure_seconds,
+            "paths_per_problem": paths_per_problem,
+            "summary": summary,
+            "per_seed": results,
+            "anchors": scale,
+            "example": example,
+            "curves": {
+                name: [[{"step": p["step"], **p["target"]} for p in r["curve"]] for r in records]
+                for name, records in runs.items()
+            },
+            "runs": {
+                name: [
+                    {k: r[k] for k in ("seed", "steps", "train_seconds", "eval_seconds", "cached", "date")}
+                    for r in records
+                ]
+                for name, records in runs.items()
+            },
+        }
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ar.write_json(output_dir / "target_distribution.json", report)
+    plot(runs, summary, scale, example, output_dir / "target_distribution.png")
+    print(f"\nwrote {output_dir / 'target_distribution.json'} and target_distribution.png")
+    return report
+
+
+def _renormalised(logps: dict[str, float], keys: list[str]) -> list[float]:
+    top = max(logps.values())
+    total = sum(math.exp(v - top) for v in logps.values())
+    return [math.exp(logps[k] - top) / total for k in keys]
+
+
+def plot(runs, summary, scale, example, path) -> None:
+    plt = ar.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    ar.plot_metric(axes[0], runs, lambda p: p["target"]["tv"], ylabel="total variation to the target")
+    axes[0].set_xlabel("training step (tracked held-out problems)")
+    axes[0].axhline(
+        scale["collapsed"]["tv"],
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label="collapsed policy (benchmark's problems)",
+    )
+    axes[0].legend()
+
+    keys = [("tv", "TV"), ("kl", "KL(q||p)"), ("policy_mass", "valid mass"), ("policy_top", "top path")]
+    width = 0.38
+    for offset, name in zip((-width / 2, width / 2), TRAINERS):
+        xs = [i + offset for i in range(len(keys))]
+        axes[1].bar(
+            xs, [summary[name][k]["mean"] for k, _ in keys], width, color=ar.COLORS[name], label=ar.LABELS[name]
+        )
+        for x, (k, _) in zip(xs, keys):
+            axes[1].scatter([x] * len(summary[name][k]["per_seed"]), summary[name][k]["per_seed"], color="k", s=8)
+    axes[1].set_xticks(range(len(keys)), [label for _, label in keys])
+    axes[1].set_title("final policies, mean over seeds (dots: seeds); KL(p||q) in the JSON", fontsize=10)
+    axes[1].legend()
+    axes[1].grid(alpha=0.3, axis="y")
+
+    n = len(example["paths"])
+    width = 0.27
+    for offset, name, label in (
+        (-width, "reference", "target (reference renormalised)"),
+        (0, "grpo", "GRPO"),
+        (width, "flowrl", "FlowRL"),
+    ):
+        color = "gray" if name == "reference" else ar.COLORS[name]
+        axes[2].bar([i + offset for i in range(n)], example[name], width, color=color, label=label)
+    axes[2].set_xticks(range(n), [str(i + 1) for i in range(n)])
+    axes[2].set_xlabel("valid path (by target probability)")
+    axes[2].set_ylabel("probability among valid paths")
+    axes[2].set_title(f"held-out problem {'+'.join(map(str, example['terms']))} (first seed)", fontsize=10)
+    axes[2].legend(fontsize=8)
+    fig.suptitle("Policy vs FlowRL's target distribution over the enumerated correct paths")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

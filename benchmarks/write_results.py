@@ -1,0 +1,382 @@
+"""Write the README's results section from the benchmarks' JSON outputs.
+
+    python benchmarks/write_results.py                  # benchmarks/results/*.json -> README.md
+    python benchmarks/write_results.py --print          # print the section instead of writing it
+
+Reads, from `--results-dir`, whichever of these exist (a missing one is listed as not run, and skipped):
+`overhead*.json` (benchmark 1, `bench_overhead.py`; several files, e.g. a CPU and a GPU run, each get a table),
+`distribution_matching.json`, `experience.json` and `target_distribution.json` (benchmarks 2 to 4). It renders a
+markdown "Results" section that names the machine and the date of each measurement and links the plots, and
+replaces what lies between the `<!-- results:start -->` and `<!-- results:end -->` lines of `--readme`; nothing
+outside them changes. The figures are copied from the JSON files as they are, misses included; a smoke run is
+labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+LABELS = {
+    "grpo": "GRPO",
+    "grpo_kl": "GRPO + KL",
+    "flowrl": "FlowRL",
+    "exgrpo": "ExGRPO",
+    "exgrpo_no_replay": "ExGRPO with replay_ratio 0",
+}
+FILES = {
+    "distribution_matching": "distribution_matching.json",
+    "experience": "experience.json",
+    "target_distribution": "target_distribution.json",
+}
+COMMANDS = {
+    "overhead": "python benchmarks/bench_overhead.py",
+    "distribution_matching": "python benchmarks/bench_distribution_matching.py",
+    "experience": "python benchmarks/bench_experience.py",
+    "target_distribution": "python benchmarks/bench_target_distribution.py",
+}
+
+
+def _label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def _verdict(met: bool) -> str:
+    return "**met**" if met else "**missed**"
+
+
+def _per_seed(values, fmt="{:.2f}", scale=1.0) -> str:
+    return ", ".join(fmt.format(scale * v) for v in values)
+
+
+def _provenance(report: dict, name: str) -> list[str]:
+    smoke = " **Smoke run (a check that the script runs), not a measurement.**" if report.get("smoke") else ""
+    threads = f", {report['torch_threads']} torch thread(s) per process" if report.get("torch_threads") else ""
+    device = report.get("device", "cpu")
+    return [
+        f"Measured on {report.get('machine', 'an unrecorded machine')} ({device}{threads}) on "
+        f"{report.get('date', 'an unrecorded date')} with `{COMMANDS[name]}`.{smoke}"
+    ]
+
+
+def _image(results_dir: Path, readme_dir: Path, stem: str, alt: str) -> list[str]:
+    png = results_dir / f"{stem}.png"
+    if not png.is_file():
+        return []
+    return ["", f"![{alt}]({Path(os.path.relpath(png, readme_dir)).as_posix()})"]
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def _compute_time(report: dict) -> str:
+    """Training and evaluation time of the runs a benchmark used (a run reused from the cache counts once where it
+    was measured, so several benchmarks may list the same run)."""
+    runs = [r for records in report.get("runs", {}).values() for r in records]
+    if not runs or "train_seconds" not in runs[0]:
+        return ""
+    train = sum(r["train_seconds"] for r in runs)
+    evaluation = sum(r.get("eval_seconds", 0.0) for r in runs)
+    per_step = {
+        name: sum(r["train_seconds"] for r in records) / sum(r["steps"] for r in records)
+        for name, records in report["runs"].items()
+    }
+    steps = ", ".join(f"{_label(n)} {v:.2f} s" for n, v in per_step.items())
+    return (
+        f"Runs used: {len(runs)} (a run shared with another benchmark is counted in each), {_minutes(train)} of "
+        f"training and {_minutes(evaluation)} of held-out evaluation "
+        f"(mean step: {steps})."
+    )
+
+
+# -- benchmark 1 ---------------------------------------------------------------------------------------------------
+
+
+def render_overhead(report: dict, results_dir: Path, readme_dir: Path, stem: str) -> list[str]:
+    device = report.get("device", "cpu")
+    lines = [f"### 1. Overhead: step time and peak memory relative to GRPO ({device})", ""]
+    lines += _provenance(report, "overhead")
+    settings = report.get("settings", {})
+    if settings:
+        lines[-1] += " Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None) + "."
+    summary = report.get("summary", {})
+    if summary:
+        lines += ["", "| trainer | median step time (s) | spread (s) | peak memory (MiB) |", "|---|---:|---:|---:|"]
+        for name, s in summary.items():
+            lines.append(
+                f"| {_label(name)} | {s.get('step_time_s', float('nan')):.3f} | "
+                f"{s.get('step_time_spread_s', float('nan')):.3f} | {s.get('peak_memory_mb', float('nan')):.0f} |"
+            )
+    ratios = report.get("step_time_ratios", {})
+    if ratios:
+        lines += ["", "Step-time ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()) + "."]
+    memory = report.get("peak_memory_ratios", {})
+    if memory:
+        lines += ["Peak-memory ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in memory.items()) + "."]
+    for key, t in report.get("targets", {}).items():
+        lines.append(f"- Target {key} <= {t['target']:.2f}: {t['ratio']:.3f}, {_verdict(t['met'])}.")
+    return lines + _image(results_dir, readme_dir, stem, "overhead")
+
+
+# -- benchmark 2 ---------------------------------------------------------------------------------------------------
+
+DM_METRICS = (
+    ("accuracy", "held-out accuracy (avg@k, %)", 100.0, "{:.1f}"),
+    ("pass_at_k", "pass@k (%)", 100.0, "{:.1f}"),
+    ("distinct_correct_paths", "distinct correct paths per problem", 1.0, "{:.2f}"),
+    ("distinct_correct_paths_solved", "distinct correct paths per solved problem", 1.0, "{:.2f}"),
+    ("correct_path_entropy", "entropy over correct paths (nats)", 1.0, "{:.3f}"),
+    ("valid_path_rate", "samples writing a valid path (%)", 100.0, "{:.1f}"),
+)
+
+
+def _settings_line(report: dict) -> str:
+    s = report["settings"]
+    e = s["eval"]
+    return (
+        f"Seeds {', '.join(map(str, s['seeds']))}; {s['steps']} steps per run with the recipes' embedded settings; "
+        f"held-out evaluation every {e['every']} steps on the same {e['num_problems']} problems x "
+        f"{e['num_samples']} samples at temperature {s.get('eval_temperature', 1.0)}."
+    )
+
+
+def render_distribution_matching(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
+    lines = ["### 2. Distribution matching: FlowRL vs GRPO on the embedded task", ""]
+    lines += _provenance(report, "distribution_matching")
+    lines[-1] += " " + _settings_line(report) + " " + _compute_time(report)
+    final, initial = report["final"], report["initial"]
+    lines += [
+        "",
+        "| at the end of training | initial | GRPO mean (per seed) | FlowRL mean (per seed) |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label, scale, fmt in DM_METRICS:
+        if key not in final["grpo"] or key not in final["flowrl"]:
+            continue
+        start = initial.get(key)
+        cells = [fmt.format(scale * start) if start is not None else "-"]
+        for name in ("grpo", "flowrl"):
+            s = final[name][key]
+            cells.append(f"{fmt.format(scale * s['mean'])} ({_per_seed(s['per_seed'], fmt, scale)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    t = report["target"]
+    ratio = "undefined" if t["paths_ratio"] is None else f"{t['paths_ratio']:.2f}x"
+    per_seed = ", ".join("-" if r is None else f"{r:.2f}x" for r in t["paths_ratio_per_seed"])
+    miss = "" if t["paths_met"] or t["paths_shortfall"] is None else f", short by {t['paths_shortfall']:.2f}x"
+    lines += [
+        "",
+        f"Target: FlowRL at least {t['paths_target']:.0f}x GRPO's distinct correct paths, with accuracy within "
+        f"{t['accuracy_tolerance_points']:.0f} points: {_verdict(t['met'])}.",
+        f"- Distinct correct paths, FlowRL / GRPO: {ratio} (per seed {per_seed}), {_verdict(t['paths_met'])}{miss}.",
+        f"- Accuracy, FlowRL - GRPO: {t['accuracy_gap_points']:+.1f} points (per seed "
+        f"{', '.join(f'{g:+.1f}' for g in t['accuracy_gap_per_seed_points'])}), {_verdict(t['accuracy_met'])}.",
+    ]
+    return lines + _image(results_dir, readme_dir, "distribution_matching", "distribution matching curves")
+
+
+# -- benchmark 3 ---------------------------------------------------------------------------------------------------
+
+
+def _ratio(value) -> str:
+    return "not reached" if value is None else f"{value:.2f}x"
+
+
+def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
+    lines = ["### 3. Experience efficiency: ExGRPO vs GRPO on the embedded task", ""]
+    lines += _provenance(report, "experience")
+    lines[-1] += " " + _settings_line(report) + " " + _compute_time(report)
+    mean = report["to_reach_grpo_final"]["mean_curves"]
+    per_seed = report["to_reach_grpo_final"]["per_seed"]
+    fresh = report["to_reach_grpo_final_fresh"]["mean_curves"]
+    fresh_per_seed = report["to_reach_grpo_final_fresh"]["per_seed"]
+    acc = report["final_accuracy"]
+    if mean["exgrpo_rollouts_to_reach"] is None:
+        reached = f"ExGRPO's mean curve did not reach it within {mean['exgrpo_final_rollouts']:.0f} generated rollouts"
+    else:
+        reached = (
+            f"ExGRPO reached it after {mean['exgrpo_rollouts_to_reach']:.0f} generated rollouts, "
+            f"{_ratio(mean['ratio'])} GRPO's"
+        )
+    grpo_first = mean["grpo_first_reach_rollouts"]
+    lines += [
+        "",
+        f"- GRPO's final held-out accuracy (mean over seeds): {100 * mean['grpo_final_accuracy']:.1f}% after "
+        f"{mean['grpo_rollouts']:.0f} generated rollouts"
+        + ("" if grpo_first is None else f" (its own mean curve first reached that value at {grpo_first:.0f})")
+        + ".",
+        f"- {reached} (per seed, against GRPO's run of the same seed: "
+        f"{', '.join(_ratio(s['ratio']) for s in per_seed)}). In fresh rollouts used "
+        f"(generated minus those replaced by replays): {_ratio(fresh['ratio'])} "
+        f"(per seed {', '.join(_ratio(s['ratio']) for s in fresh_per_seed)}).",
+        f"- Final held-out accuracy: GRPO {100 * acc['grpo']['mean']:.1f}% "
+        f"({_per_seed(acc['grpo']['per_seed'], '{:.1f}', 100)}), ExGRPO {100 * acc['exgrpo']['mean']:.1f}% "
+        f"({_per_seed(acc['exgrpo']['per_seed'], '{:.1f}', 100)}); ExGRPO replaced "
+        f"{100 * report['replay']['replayed_rows_fraction']['mean']:.1f}% of the rows it generated by replays.",
+    ]
+    t = report["target"]
+    miss = "" if t["met"] or t["shortfall"] is None else f", over by {t['shortfall']:.2f}x"
+    if t["ratio"] is None:
+        miss = (
+            f": ExGRPO's mean curve never reached GRPO's final accuracy within {mean['exgrpo_final_rollouts']:.0f} "
+            "rollouts"
+        )
+    lines += ["", f"Target: at most {t['target']}x GRPO's rollouts: {_ratio(t['ratio'])}, {_verdict(t['met'])}{miss}."]
+    ablation = report.get("ablation_no_replay")
+    if ablation:
+        final = ablation["final_accuracy"]
+        own = ablation["exgrpo_to_reach_no_replay_final"]
+        lines += [
+            "",
+            "Ablation (not part of the target): ExGRPO with `replay_ratio 0`, i.e. ExGRPO's loss and retirement "
+            f"without replay, ends at {100 * final['mean']:.1f}% ({_per_seed(final['per_seed'], '{:.1f}', 100)}); "
+            "ExGRPO minus it per seed: "
+            f"{', '.join(f'{100 * d:+.1f}' for d in ablation['exgrpo_minus_no_replay_final_per_seed'])} points; "
+            + (
+                "ExGRPO never reached the ablation's final accuracy"
+                if own["ratio"] is None
+                else f"ExGRPO reached the ablation's final accuracy with {own['ratio']:.2f}x its rollouts"
+            )
+            + "; rollouts for the ablation to reach GRPO's final accuracy: "
+            f"{_ratio(ablation['no_replay_to_reach_grpo_final']['ratio'])} of GRPO's.",
+        ]
+    header = "| step | rollouts generated | GRPO accuracy (%) | ExGRPO accuracy (%) | ExGRPO fresh rollouts used |"
+    rule = "|---:|---:|---:|---:|---:|"
+    if ablation:
+        header += " ExGRPO, replay_ratio 0 (%) |"
+        rule += "---:|"
+    lines += ["", header, rule]
+    for p in report["equal_rollouts"]:
+        lines.append(
+            f"| {p['step']} | {p['rollouts_generated']:.0f} | {100 * p['grpo_accuracy']:.1f} | "
+            f"{100 * p['exgrpo_accuracy']:.1f} | {p['exgrpo_fresh_rollouts_used']:.0f} |"
+            + (f" {100 * p['exgrpo_no_replay_accuracy']:.1f} |" if ablation else "")
+        )
+    return lines + _image(results_dir, readme_dir, "experience", "accuracy against rollouts")
+
+
+# -- benchmark 4 ---------------------------------------------------------------------------------------------------
+
+
+def render_target_distribution(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
+    lines = ["### 4. Distance to FlowRL's target distribution over the correct paths", ""]
+    lines += _provenance(report, "target_distribution")
+    s = report["settings"]
+    lines[-1] += (
+        f" The final policies of the runs above (seeds {', '.join(map(str, s['seeds']))}, {s['steps']} steps) on "
+        f"{s['problems']} held-out problems, every valid path enumerated ({report['paths_per_problem']:.1f} per "
+        "problem on average); the target among them is the reference model renormalised."
+    )
+    summary = report["summary"]
+    rows = (
+        ("tv", "total variation to the target"),
+        ("kl", "KL(policy ‖ target) (nats)"),
+        ("kl_reverse", "KL(target ‖ policy) (nats)"),
+        ("policy_mass", "probability mass on valid paths"),
+        ("policy_entropy", "entropy over the valid paths (nats)"),
+        ("policy_top", "largest probability of a path (renormalised)"),
+        ("policy_on_reference_top", "probability of the target's likeliest path"),
+    )
+    lines += ["", "| final policy | GRPO mean (per seed) | FlowRL mean (per seed) |", "|---|---:|---:|"]
+    for key, label in rows:
+        cells = [
+            f"{summary[name][key]['mean']:.3f} ({_per_seed(summary[name][key]['per_seed'], '{:.3f}')})"
+            for name in ("grpo", "flowrl")
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    reference_mass = summary["grpo"]["reference_mass"]["mean"]
+    reference_entropy = summary["grpo"]["reference_entropy"]["mean"]
+    collapsed, uniform = report["anchors"]["collapsed"], report["anchors"]["uniform"]
+    lines += [
+        "",
+        f"The reference (the target) puts {reference_mass:.3f} of its mass on valid paths, with entropy "
+        f"{reference_entropy:.3f} nats over them; its likeliest path has {summary['grpo']['reference_top']['mean']:.3f} "
+        "of the renormalised mass. For scale: a policy collapsed onto the reference's likeliest path "
+        f"would be at total variation {collapsed['tv']:.3f} and KL {collapsed['kl']:.3f} nats; the uniform "
+        f"distribution over the paths at {uniform['tv']:.3f} and {uniform['kl']:.3f} nats.",
+    ]
+    return lines + _image(results_dir, readme_dir, "target_distribution", "distance to the target distribution")
+
+
+# -- assembly ------------------------------------------------------------------------------------------------------
+
+
+def render(results_dir: Path, readme_dir: Path) -> str:
+    """The markdown section (without the markers) from the JSON files found in `results_dir`."""
+    sections, missing, machines = [], [], set()
+    overheads = sorted(results_dir.glob("overhead*.json"))
+    for path in overheads:
+        report = json.loads(path.read_text())
+        machines.add((report.get("machine"), report.get("device", "cpu")))
+        sections.append(render_overhead(report, results_dir, readme_dir, path.stem))
+    if not overheads:
+        missing.append("1 (overhead)")
+    renderers = {
+        "distribution_matching": render_distribution_matching,
+        "experience": render_experience,
+        "target_distribution": render_target_distribution,
+    }
+    for number, (name, renderer) in enumerate(renderers.items(), start=2):
+        path = results_dir / FILES[name]
+        if not path.is_file():
+            missing.append(f"{number} ({name.replace('_', ' ')})")
+            continue
+        report = json.loads(path.read_text())
+        machines.add((report.get("machine"), report.get("device", "cpu")))
+        sections.append(renderer(report, results_dir, readme_dir))
+
+    lines = [
+        "## Results",
+        "",
+        "Generated by `python benchmarks/write_results.py` from the JSON files in "
+        f"`{Path(os.path.relpath(results_dir, readme_dir)).as_posix()}/`; every figure is as measured, targets missed "
+        "included. Machine(s): "
+        + ("; ".join(f"{m or 'unrecorded'} ({d})" for m, d in sorted(machines, key=str)) or "none yet")
+        + ".",
+    ]
+    if missing:
+        lines += ["", "Not run yet: benchmark " + ", ".join(missing) + "."]
+    for section in sections:
+        lines += [""] + section
+    return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with what lies between the start and end marker lines replaced by `block`."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(
+            f"The README must hold exactly one {START!r} line followed by one {END!r} line; add them where the "
+            "results section belongs."
+        )
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}{END}{tail}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("--print", action="store_true", help="print the section instead of writing the README")
+    args = parser.parse_args(argv)
+    readme = Path(args.readme)
+    block = render(Path(args.results_dir), readme.resolve().parent)
+    if args.print:
+        print(block, end="")
+        return
+    try:
+        updated = replace_block(readme.read_text(), block)
+    except ValueError as error:
+        sys.exit(f"{readme}: {error}")
+    readme.write_text(updated)
+    print(f"updated the results section of {readme}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
