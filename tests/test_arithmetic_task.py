@@ -1,25 +1,21 @@
-"""The built-in arithmetic task, its evaluation helper, and the embedded tiny model."""
+"""The built-in arithmetic task and its embedded tiny model."""
 
 import math
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trl_flowrl.evaluation import arithmetic_benchmark, evaluate
+from trl_flowrl.rewards import MathAccuracyReward
 from trl_flowrl.tasks import (
     ArithmeticProblem,
     arithmetic_dataset,
     arithmetic_sft_dataset,
-    boxed_accuracy_reward,
     count_paths,
     embedded_model_path,
     enumerate_paths,
-    evaluate_arithmetic,
-    extract_boxed,
     generate_problems,
-    grade_samples,
-    is_correct,
     is_held_out,
     path_id,
     path_log_probs,
@@ -29,6 +25,13 @@ from trl_flowrl.tasks import (
 
 PROBLEM = ArithmeticProblem((12, 7, 30, 5))
 WORKED = "12+7=19: 19+30+5\n30+5=35: 19+35\n19+35=54\n\\boxed{54}"
+
+
+@pytest.fixture(scope="module")
+def math_reward():
+    """The reward the recipes train with: the task is graded as the real datasets are."""
+    reward = MathAccuracyReward(num_workers=1)
+    return lambda texts, solutions: reward([[{"role": "assistant", "content": t}] for t in texts], solution=solutions)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,13 +79,13 @@ def test_too_many_unique_problems_is_a_clear_error():
         ArithmeticProblem((3, 0))
 
 
-def test_dataset_columns_follow_trl_conventions():
+def test_dataset_columns_follow_trl_conventions(math_reward):
     row = arithmetic_dataset(3, seed=0)[0]
     assert row["prompt"] == [{"role": "user", "content": "What is " + "+".join(map(str, row["terms"])) + "?"}]
     assert row["solution"] == str(sum(row["terms"]))
     sft_row = arithmetic_sft_dataset(3, seed=0)[0]
     assert sft_row["completion"][0]["role"] == "assistant"
-    assert is_correct(sft_row["completion"][0]["content"], sft_row["solution"])
+    assert math_reward([sft_row["completion"][0]["content"]], [sft_row["solution"]]) == [1.0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,22 +111,25 @@ def test_path_counts(terms, expected):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_every_enumerated_path_is_correct_and_has_its_own_id(seed):
+def test_every_enumerated_path_is_graded_correct_and_has_its_own_id(seed, math_reward):
+    texts, solutions = [], []
     for problem in generate_problems(20, seed=seed) + generate_problems(5, seed=seed, num_terms=3):
         paths = enumerate_paths(problem)
         ids = [path_id(problem, text) for text in paths.values()]
         assert ids == list(paths.keys())
         assert len(set(ids)) == len(ids)
-        assert all(is_correct(text, problem.solution) for text in paths.values())
-        completions = [[{"role": "assistant", "content": text}] for text in paths.values()]
-        assert boxed_accuracy_reward(completions, [problem.solution] * len(paths)) == [1.0] * len(paths)
+        texts += paths.values()
+        solutions += [problem.solution] * len(paths)
+    assert math_reward(texts, solutions) == [1.0] * len(texts)
 
 
-def test_wrong_answers_are_graded_wrong():
-    assert not is_correct(WORKED.replace("\\boxed{54}", "\\boxed{55}"), "54")
-    assert not is_correct("19+35=54", "54")  # no boxed answer
-    assert not is_correct("\\boxed{fifty-four}", "54")
-    assert boxed_accuracy_reward(["\\boxed{53}", "\\boxed{54}"], ["54", "54"]) == [0.0, 1.0]
+def test_wrong_answers_are_graded_wrong(math_reward):
+    wrong = [
+        WORKED.replace("\\boxed{54}", "\\boxed{55}"),
+        "12+7=19: 19+30+5\n30+5=35: 19+35\n19+35=54",  # no final answer
+        "\\boxed{fifty-four}",
+    ]
+    assert math_reward(wrong, ["54"] * len(wrong)) == [0.0] * len(wrong)
     assert path_id(PROBLEM, WORKED.replace("\\boxed{54}", "\\boxed{55}")) is None
 
 
@@ -143,34 +149,6 @@ def test_wrong_answers_are_graded_wrong():
 )
 def test_invalid_derivations_have_no_path(completion):
     assert path_id(PROBLEM, completion) is None
-
-
-def test_extract_boxed():
-    assert extract_boxed("so \\boxed{1} and \\boxed{ 42 }") == "42"
-    assert extract_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert extract_boxed("\\boxed{12") is None
-    assert extract_boxed("42") is None
-
-
-def test_grade_samples_counts_distinct_correct_paths():
-    paths = list(enumerate_paths(PROBLEM).values())
-    other = ArithmeticProblem((1, 2, 3))
-    other_paths = list(enumerate_paths(other).values())
-    lucky = "1+2=4: 4+3\n4+3=7\n\\boxed{6}"  # correct answer through a wrong derivation: correct, no path
-    result = grade_samples(
-        [PROBLEM, other],
-        [[paths[0], paths[0], paths[1], "\\boxed{53}"], [lucky, other_paths[2], "nothing", "\\boxed{7}"]],
-    )
-    assert result.correct == [[True, True, True, False], [True, True, False, False]]
-    assert result.accuracy == 5 / 8
-    assert result.pass_at_k == 1.0
-    assert result.distinct_correct_paths == (2 + 1) / 2
-    assert result.valid_path_rate == 4 / 8
-    # Path frequencies 2:1 on the first problem, one path on the second.
-    assert result.path_entropy == pytest.approx((-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3)) / 2)
-    assert result.path_ids[1][2] is None
-    with pytest.raises(ValueError, match="same number"):
-        grade_samples([PROBLEM, other], [[WORKED], [WORKED, WORKED]])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,27 +184,19 @@ def test_embedded_model_loads_and_tokenizer_round_trips_the_task(embedded):
             assert tokenizer.decode(completion_ids + [tokenizer.eos_token_id], skip_special_tokens=True) == completion
 
 
-def test_evaluation_on_the_embedded_model_is_seeded_and_leaves_the_rng_alone(embedded):
-    model, tokenizer = embedded
-    problems = generate_problems(4, seed=0, split="test")
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    first = evaluate_arithmetic(model, tokenizer, problems, num_samples=4, seed=7)
-    assert torch.equal(torch.get_rng_state(), state)
-    second = evaluate_arithmetic(model, tokenizer, problems, num_samples=4, seed=7)
-    assert first.completions == second.completions
-    assert len(first.completions) == 4 and all(len(samples) == 4 for samples in first.completions)
-    assert evaluate_arithmetic(model, tokenizer, problems, num_samples=4, seed=8).completions != first.completions
-
-
 def test_embedded_model_leaves_room_for_rl_and_samples_several_paths(embedded):
-    # The issue's targets for the shipped model, at TRL's sampling temperature: held-out accuracy between 20% and
-    # 60%, and more than one distinct correct path per problem among 8 samples.
+    # The issue's targets for the shipped model, at TRL's sampling temperature, measured as the recipes measure them:
+    # held-out accuracy between 20% and 60%, and more than one distinct correct path per problem among 8 samples.
     model, tokenizer = embedded
-    result = evaluate_arithmetic(model, tokenizer, generate_problems(32, seed=0, split="test"), num_samples=8)
-    assert 0.2 <= result.accuracy <= 0.6
-    assert result.distinct_correct_paths > 1.0
-    assert result.valid_path_rate > 0.1  # it writes the task's derivations, not just answers
+    results = evaluate(
+        {"tiny": model}, arithmetic_benchmark(32), num_samples=8, temperature=1.0, top_p=1.0, tokenizer=tokenizer,
+        backend="transformers", plots=False, progress=False,
+    )  # fmt: skip
+    scores = results["models"]["tiny"]["benchmarks"]["arithmetic"]
+    assert 0.2 <= scores["avg_at_k"] <= 0.6
+    assert scores["diversity"]["distinct_correct_paths"] > 1.0
+    valid = sum(r["path_id"] is not None for problem in scores["samples"] for r in problem)
+    assert valid / (32 * 8) > 0.1  # it writes the task's derivations, not just answers
 
 
 def test_path_log_probs_cover_every_path(embedded):

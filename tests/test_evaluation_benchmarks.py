@@ -243,22 +243,17 @@ def test_prompt_text():
     assert prompt_text([{"role": "user", "content": [{"type": "text", "text": "multi"}]}]) == "multi"
 
 
-# -- adapters to the other subpackages: these run once `trl_flowrl.rewards`, `trl_flowrl.data` and
-# -- `trl_flowrl.tasks` are part of the package.
+# -- adapters to the other subpackages (`trl_flowrl.rewards`, `trl_flowrl.data`, `trl_flowrl.tasks`)
 
 
-def test_builtin_math_benchmark_needs_the_data_loaders_or_says_so():
-    try:
-        import trl_flowrl.data  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="local copy"):
-            load_benchmark("math500", grader="boxed")
-    else:
-        pytest.skip("trl_flowrl.data is present: the loaders are tested in its own tests.")
+def test_builtin_math_benchmark_offline_says_how_to_get_the_data():
+    from trl_flowrl.data import DatasetUnavailableError
+
+    with pytest.raises(DatasetUnavailableError, match="huggingface-cli download HuggingFaceH4/MATH-500"):
+        load_benchmark("math500")
 
 
 def test_math_grader_adapter():
-    pytest.importorskip("trl_flowrl.rewards")
     grader, batched = load_grader("math", num_workers=1)
     benchmark = Benchmark("m", [{"prompt": "q", "solution": "\\frac{1}{2}"}], grader, batched=batched)
     grades = benchmark.grade([["so \\boxed{0.5}", "\\boxed{1/3}", "I give up"]])[0]
@@ -268,7 +263,6 @@ def test_math_grader_adapter():
 
 
 def test_code_grader_adapter():
-    pytest.importorskip("trl_flowrl.rewards.code_reward")
     grader, batched = load_grader("code")
     tests = {"inputs": ["1 2\n"], "outputs": ["3\n"]}
     benchmark = Benchmark("c", [{"prompt": "add", "tests": json.dumps(tests)}], grader, batched=batched)
@@ -280,7 +274,8 @@ def test_code_grader_adapter():
 
 
 def test_arithmetic_benchmark_adapter():
-    tasks = pytest.importorskip("trl_flowrl.tasks")
+    from trl_flowrl import tasks
+
     benchmark = load_benchmark("arithmetic", limit=3)
     assert benchmark.name == "arithmetic" and len(benchmark) == 3 and benchmark.max_new_tokens == 80
     row = benchmark.rows[0]

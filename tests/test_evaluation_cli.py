@@ -187,8 +187,7 @@ def test_plots_say_how_to_install_matplotlib(monkeypatch, tmp_path):
 
 
 def test_embedded_task_end_to_end(tmp_path):
-    """The embedded model on the embedded task, offline (runs once `trl_flowrl.tasks` is part of the package)."""
-    pytest.importorskip("trl_flowrl.tasks")
+    """The embedded model on the embedded task, offline."""
     results = evaluate(
         "embedded", "arithmetic", num_samples=4, temperature=1.0, top_p=1.0, limit=8, output_dir=str(tmp_path),
         progress=False,

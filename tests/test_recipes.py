@@ -9,10 +9,10 @@ import pytest
 import transformers
 import yaml
 from conftest import REPO_ROOT
-from trl import GRPOConfig, ModelConfig, TrlParser
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
 from trl_flowrl import ExGRPOConfig, FlowRLConfig
-from trl_flowrl.recipe import RecipeArguments, parse_recipe_args
+from trl_flowrl.recipe import RecipeArguments, parse_recipe_args, run
 
 
 CONFIGS = REPO_ROOT / "recipes" / "configs"
@@ -98,15 +98,25 @@ def test_paper_config_parses_into_the_paper_settings(name, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "config_cls, name", [(FlowRLConfig, "flowrl"), (GRPOConfig, "grpo"), (ExGRPOConfig, "exgrpo")]
+    "config_cls, name",
+    [
+        (FlowRLConfig, "flowrl_arithmetic"),
+        (GRPOConfig, "grpo_arithmetic"),
+        (ExGRPOConfig, "exgrpo_arithmetic"),
+        (FlowRLConfig, "flowrl_programs"),
+        (GRPOConfig, "grpo_programs"),
+    ],
 )
 def test_embedded_configs_parse_and_are_read_without_arguments(config_cls, name, tmp_path, monkeypatch):
-    path = CONFIGS / "embedded" / f"{name}_arithmetic.yaml"
+    path = CONFIGS / "embedded" / f"{name}.yaml"
     script_args, args, model_args = parse_recipe_args(config_cls, path, argv=["--output_dir", str(tmp_path)])
     assert type(args) is config_cls and model_args.model_name_or_path is None  # None: the embedded model
-    assert script_args.dataset_name == "arithmetic" and script_args.reward == "math"
+    task = name.split("_")[1]
+    assert script_args.dataset_name == task == script_args.task
+    assert script_args.reward == ("code" if task == "programs" else "math")
     assert args.output_dir == str(tmp_path)  # a flag overrides the file
-    assert args.num_generations == 8 and args.max_completion_length == 64 and not args.bf16
+    assert args.num_generations == 8 and not args.bf16
+    assert args.max_completion_length == (128 if task == "programs" else 64)
     # With a model of one's own, the embedded file is not read (and TRL's GPU defaults, bf16 included, apply)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
     script_args, args, model_args = parse_recipe_args(config_cls, path, argv=["--model_name_or_path", "org/model"])
@@ -128,8 +138,33 @@ def test_accelerate_configs_use_only_known_keys():
         assert yaml.safe_load(path.read_text())["mixed_precision"] == "bf16"
 
 
-@pytest.mark.parametrize("recipe", ["flowrl_math", "exgrpo_math", "grpo_math"])
-def test_recipe_trains_the_embedded_model_for_two_steps(recipe, tmp_path):
+def test_every_embedded_config_is_covered():
+    embedded = {p.stem for p in (CONFIGS / "embedded").glob("*.yaml")}
+    assert embedded == {
+        "flowrl_arithmetic",
+        "grpo_arithmetic",
+        "exgrpo_arithmetic",
+        "flowrl_programs",
+        "grpo_programs",
+    }
+    scripts = {p.stem for p in (REPO_ROOT / "recipes").glob("*.py")}
+    assert scripts == {"flowrl_math", "exgrpo_math", "grpo_math", "flowrl_code", "grpo_code"}
+
+
+def test_a_hub_dataset_without_a_model_is_a_clear_error():
+    script_args, args, model_args = parse_recipe_args(
+        GRPOConfig, CONFIGS / "embedded" / "grpo_arithmetic.yaml", argv=["--dataset_name", "dapo_math"]
+    )
+    with pytest.raises(ValueError, match="--model_name_or_path"):
+        run(GRPOTrainer, script_args, args, model_args)
+
+
+@pytest.mark.parametrize(
+    "recipe, paths",
+    [("flowrl_math", "paths"), ("exgrpo_math", "paths"), ("grpo_math", "paths"), ("flowrl_code", "programs"),
+     ("grpo_code", "programs")],
+)  # fmt: skip
+def test_recipe_trains_the_embedded_model_for_two_steps(recipe, paths, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     command = [
         sys.executable,
@@ -144,5 +179,5 @@ def test_recipe_trains_the_embedded_model_for_two_steps(recipe, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "4 held-out problems x 2 samples" in result.stdout
-    assert "distinct correct paths per problem" in result.stdout
+    assert f"distinct correct {paths} per problem" in result.stdout
     assert (Path(tmp_path) / "model.safetensors").is_file()

@@ -6,11 +6,12 @@ script's embedded default (`recipes/configs/embedded/*.yaml`): the tiny model sh
 built-in task, offline, on a CPU, in minutes. With a config file, the same code runs the papers' setups.
 
 What `run` does, in order:
-1. the model: `model_name_or_path`, or the embedded model of the built-in task;
+1. the model: `model_name_or_path`, or the embedded model of the built-in task (`trl_flowrl.tasks`);
 2. the dataset: a built-in task (`arithmetic`, `programs`) or a loader of `trl_flowrl.data.DATASETS` (from the hub, or
    from `dataset_path`), minus prompts longer than `max_prompt_length` tokens;
 3. the reward: the math-verify reward (`MathAccuracyReward`) or the sandboxed code reward (`CodeReward`);
-4. for a built-in task, held-out accuracy and distinct correct paths of the initial model (main process);
+4. for a built-in task, held-out accuracy and distinct correct paths (or programs) of the initial model (main
+   process, `trl_flowrl.evaluation`);
 5. training, saving the model to `output_dir`;
 6. for a built-in task, the same measurement on the trained model, printed beside the first.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 
-BUILTIN_TASKS = ("arithmetic",)
+BUILTIN_TASKS = ("arithmetic", "programs")
 MATH_DATASETS = ("dapo_math", "openr1_math", "math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
 CODE_DATASETS = ("deepcoder", "humanevalplus", "livecodebench")
 
@@ -36,8 +37,8 @@ class RecipeArguments(ScriptArguments):
 
     Parameters:
         dataset_name (`str` or `None`, *optional*, defaults to `None`):
-            `"arithmetic"` (the built-in task, also used when None), or a name of `trl_flowrl.data.DATASETS`:
-            `dapo_math`, `openr1_math`, `deepcoder`, ...
+            A built-in task of `trl_flowrl.tasks` (`"arithmetic"`, also used when None, or `"programs"`), or a
+            name of `trl_flowrl.data.DATASETS`: `dapo_math`, `openr1_math`, `deepcoder`, ...
         dataset_path (`str` or `None`, *optional*, defaults to `None`):
             A local copy of the hub dataset (a `huggingface-cli download --local-dir` folder, a `save_to_disk`
             folder or data files), for machines without hub access.
@@ -46,7 +47,8 @@ class RecipeArguments(ScriptArguments):
             filter does (the FlowRL paper: 2048). None keeps every prompt.
         reward (`str` or `None`, *optional*, defaults to `None`):
             `"math"` (math-verify equivalence of the `\\boxed{}` or `Answer:` answer with the `solution` column) or
-            `"code"` (the last code block run against the `tests` column in a sandbox). None: chosen from the dataset.
+            `"code"` (the last code block run against the `tests` column in a sandbox). None: chosen from the dataset
+            (`code` for `programs` and the code datasets).
         math_answer_format (`str`, *optional*, defaults to `"auto"`):
             Where the math reward reads the answer: `"auto"` (the later of the last `\\boxed{}` and the last
             `Answer:` line), `"boxed"` or `"answer_line"`.
@@ -62,9 +64,10 @@ class RecipeArguments(ScriptArguments):
         code_max_concurrency (`int`, *optional*, defaults to `2`):
             Programs run at once per process.
         num_train_problems (`int`, *optional*, defaults to `2000`):
-            Training problems drawn for a built-in task.
+            Training problems drawn for a built-in task (for `programs`, drawn with repeats from its 306).
         num_eval_problems (`int`, *optional*, defaults to `64`):
-            Held-out problems of the before/after summary of a built-in task (0 skips the summary).
+            Held-out problems of the before/after summary of a built-in task (0 skips the summary; `programs` has
+            34, and asking for more uses those 34).
         eval_samples (`int`, *optional*, defaults to `8`):
             Samples per held-out problem in the summary, drawn at the training temperature.
     """
@@ -72,7 +75,8 @@ class RecipeArguments(ScriptArguments):
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "'arithmetic' (built-in, the default) or a name of trl_flowrl.data.DATASETS (dapo_math, ...)."
+            "help": "'arithmetic' or 'programs' (built-in; arithmetic is the default) or a name of "
+            "trl_flowrl.data.DATASETS (dapo_math, ...)."
         },
     )
     dataset_path: str | None = field(
@@ -113,7 +117,13 @@ class RecipeArguments(ScriptArguments):
                 f"Unknown dataset_name {self.dataset_name!r}: use one of {list(BUILTIN_TASKS + MATH_DATASETS + CODE_DATASETS)}."
             )
         if self.reward is None:
-            self.reward = "code" if name in CODE_DATASETS else "math"
+            self.reward = "code" if name in CODE_DATASETS + ("programs",) else "math"
+
+    @property
+    def task(self) -> str | None:
+        """The built-in task trained on, or None for a hub dataset."""
+        name = self.dataset_name or "arithmetic"
+        return name if name in BUILTIN_TASKS else None
 
 
 def parse_recipe_args(config_cls, embedded_config: str | Path, argv: list[str] | None = None):
@@ -130,10 +140,15 @@ def parse_recipe_args(config_cls, embedded_config: str | Path, argv: list[str] |
 
 
 def _load_dataset(script_args: RecipeArguments, seed: int):
-    if (script_args.dataset_name or "arithmetic") == "arithmetic":
+    if script_args.task == "arithmetic":
         from trl_flowrl.tasks import arithmetic_dataset
 
         return arithmetic_dataset(script_args.num_train_problems, seed=seed, split="train")
+    if script_args.task == "programs":
+        from trl_flowrl.tasks import programming_dataset
+
+        # 306 training problems: a longer run sees each several times, with new test inputs
+        return programming_dataset(script_args.num_train_problems, seed=seed, split="train", unique=False)
     from trl_flowrl.data import DATASETS
 
     return DATASETS[script_args.dataset_name](local_path=script_args.dataset_path)
@@ -168,10 +183,14 @@ def _build_reward(script_args: RecipeArguments):
 
 def _summary_benchmark(script_args: RecipeArguments, seed: int):
     """The held-out problems of a built-in task, or None (no summary) for a hub dataset."""
-    if (script_args.dataset_name or "arithmetic") != "arithmetic" or script_args.num_eval_problems <= 0:
+    if script_args.task is None or script_args.num_eval_problems <= 0:
         return None
-    from trl_flowrl.evaluation import arithmetic_benchmark
+    from trl_flowrl.evaluation import arithmetic_benchmark, programs_benchmark
+    from trl_flowrl.tasks import programming
 
+    if script_args.task == "programs":
+        num_problems = min(script_args.num_eval_problems, len(programming.all_problem_keys("test")))
+        return programs_benchmark(num_problems, seed=seed, timeout_per_test=script_args.code_timeout)
     return arithmetic_benchmark(num_problems=script_args.num_eval_problems, seed=seed)
 
 
@@ -201,11 +220,12 @@ def _measure(model_path: str, benchmark, script_args: RecipeArguments, training_
 
 
 def _print_summary(name: str, benchmark, before: dict, after: dict, train_seconds: float, samples: int) -> None:
+    paths = "programs" if benchmark.name == "programs" else "paths"  # programs are told apart by syntax tree
     print(
         f"\n{name} on {len(benchmark)} held-out problems x {samples} samples "
         f"(training took {train_seconds / 60:.1f} min):\n"
         f"  accuracy (avg@{samples})                   {100 * before['accuracy']:5.1f}% -> {100 * after['accuracy']:5.1f}%\n"
-        f"  distinct correct paths per problem     {before['distinct_correct_paths']:5.2f}  -> "
+        f"  {f'distinct correct {paths} per problem':<39}{before['distinct_correct_paths']:5.2f}  -> "
         f"{after['distinct_correct_paths']:5.2f}\n"
     )
 
@@ -216,7 +236,14 @@ def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: Mo
 
     from trl_flowrl.tasks import embedded_model_path
 
-    model_path = model_args.model_name_or_path or embedded_model_path()
+    model_path = model_args.model_name_or_path
+    if model_path is None:
+        if script_args.task is None:
+            raise ValueError(
+                f"dataset_name={script_args.dataset_name!r} needs a model: pass --model_name_or_path (the embedded "
+                f"models are trained on the built-in tasks {list(BUILTIN_TASKS)} only)."
+            )
+        model_path = embedded_model_path(script_args.task)
     model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,

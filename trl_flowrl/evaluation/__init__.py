@@ -24,6 +24,7 @@ from .benchmarks import (
     load_benchmark,
     load_grader,
     math_grader,
+    programs_benchmark,
     reward_function_grader,
 )
 from .evaluator import evaluate, named_models, score_samples
@@ -56,6 +57,7 @@ __all__ = [
     "named_models",
     "pass_at_k",
     "pass_at_k_curve",
+    "programs_benchmark",
     "reward_function_grader",
     "score_samples",
     "self_bleu",

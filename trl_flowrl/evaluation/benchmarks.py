@@ -12,8 +12,8 @@ A `Benchmark` is everything the evaluation needs to know about a task:
   completion takes (None when it cannot be identified), for counting distinct correct paths exactly.
 
 Built-in benchmarks, by name (`load_benchmark`): the six math sets of the FlowRL paper, HumanEval+ and LiveCodeBench
-(datasets from `trl_flowrl.data`, graded by `trl_flowrl.rewards`), the embedded arithmetic task (`trl_flowrl.tasks`,
-with exact path ids), and any local dataset file or `save_to_disk` folder with a grader chosen by name
+(datasets from `trl_flowrl.data`, graded by `trl_flowrl.rewards`), the two embedded tasks of `trl_flowrl.tasks`
+(`arithmetic`, with exact reasoning-path ids; `programs`, with programs identified by their syntax tree), and any local dataset file or `save_to_disk` folder with a grader chosen by name
 (`math`, `code`, `boxed`, or `module:function` naming a TRL reward function). Every adapter imports its module only
 when used.
 """
@@ -42,11 +42,15 @@ CODE_BENCHMARKS = {
     "humanevalplus": "HumanEval+ (evalplus/humanevalplus)",
     "livecodebench": "LiveCodeBench (parquet mirror)",
 }
-EMBEDDED_BENCHMARKS = {"arithmetic": "the embedded arithmetic task, held-out problems, exact path ids"}
+EMBEDDED_BENCHMARKS = {
+    "arithmetic": "the embedded arithmetic task, held-out problems, exact path ids",
+    "programs": "the embedded programming task, held-out problems, run in the local sandbox, programs by syntax tree",
+}
 GRADER_NAMES = ("math", "code", "boxed")
 
 DEFAULT_MAX_NEW_TOKENS = 8192  # the FlowRL paper's evaluation length
 ARITHMETIC_MAX_NEW_TOKENS = 80  # a path of the embedded task is well under 80 characters (= tokens)
+PROGRAMS_MAX_NEW_TOKENS = 128  # the longest listed program of the embedded task is 102 characters (= tokens)
 
 # Columns whose value, when present, is kept as the problem's id in the per-problem results.
 ID_COLUMNS = ("id", "unique_id", "problem_id", "task_id", "question_id")
@@ -395,6 +399,29 @@ def arithmetic_benchmark(
     )
 
 
+def programs_benchmark(num_problems: int | None = None, seed: int = 0, **reward_kwargs) -> Benchmark:
+    """Held-out problems of the embedded programming task (`trl_flowrl.tasks.programming`; all 34 when
+    `num_problems` is None), run against their tests in the local sandbox (`code_grader`, the reward the code recipe
+    trains with), with programs identified by their syntax tree (`program_id`). `reward_kwargs` go to `CodeReward`."""
+    from trl_flowrl.tasks import program_id, programming, programming_dataset
+
+    if num_problems is None:
+        num_problems = len(programming.all_problem_keys("test"))
+
+    def identify(completion: str, row: dict) -> str | None:
+        return program_id(completion)
+
+    return Benchmark(
+        "programs",
+        programming_dataset(num_problems, seed=seed, split="test"),
+        code_grader(**reward_kwargs),
+        batched=True,
+        path_id=identify,
+        max_new_tokens=PROGRAMS_MAX_NEW_TOKENS,
+        description=EMBEDDED_BENCHMARKS["programs"],
+    )
+
+
 def load_local_dataset(path: str):
     """A dataset from a `.json`, `.jsonl`, `.parquet` or `.csv` file, or a `save_to_disk` folder.
 
@@ -451,7 +478,7 @@ def load_benchmark(
             description={**MATH_BENCHMARKS, **CODE_BENCHMARKS}[key],
         )
     elif key in EMBEDDED_BENCHMARKS or key == "embedded":
-        benchmark = arithmetic_benchmark()
+        benchmark = programs_benchmark() if key == "programs" else arithmetic_benchmark()
         if grader is not None:
             fn, batched = load_grader(grader, **grader_kwargs)
             benchmark = replace(benchmark, grader=fn, batched=batched)

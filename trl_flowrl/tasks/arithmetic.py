@@ -18,7 +18,8 @@ is held out never appears in a train split or in pre-training data, for any seed
 
 Not handled: subtraction, products and word problems (the task only needs several valid paths per problem and an
 exact way to tell them apart). A derivation that merges three terms in one line, or rewrites the remainder wrongly,
-is not a valid path (`path_id` returns None), although its boxed answer may still be graded correct.
+is not a valid path (`path_id` returns None), although its boxed answer may still be graded correct. Answers are
+graded by the project's math reward (`trl_flowrl.rewards.MathAccuracyReward`), as on the real datasets.
 """
 
 import hashlib
@@ -203,44 +204,3 @@ def path_id(problem: ArithmeticProblem, completion: str) -> str | None:
     if boxed is None or int(boxed.group(1)) != problem.answer:
         return None
     return _path_key(pairs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Grading
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in `text` (braces may nest), or None if there is none."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for pos in range(begin, len(text)):
-        if text[pos] == "{":
-            depth += 1
-        elif text[pos] == "}":
-            if depth == 0:
-                return text[begin:pos].strip()
-            depth -= 1
-    return None
-
-
-def is_correct(completion: str, solution: str) -> bool:
-    """Exact check of the last boxed answer against the gold number (integers compared as integers)."""
-    answer = extract_boxed(completion)
-    if answer is None:
-        return False
-    try:
-        return int(answer) == int(solution)
-    except ValueError:
-        return answer == solution.strip()
-
-
-def boxed_accuracy_reward(completions, solution, **kwargs) -> list[float]:
-    """A TRL reward function: 1.0 when the last boxed answer equals the gold `solution`, else 0.0.
-
-    Accepts conversational completions (lists of messages) or plain strings. It is the task's own exact check; the
-    recipes grade with the project's math-verify reward, which agrees with it on this task's integer answers.
-    """
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [float(is_correct(text, str(sol))) for text, sol in zip(texts, solution, strict=True)]

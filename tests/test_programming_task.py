@@ -1,0 +1,260 @@
+"""The built-in programming task, its held-out benchmark, and the embedded tiny model for it."""
+
+import contextlib
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from scripts.pretrain_tiny_model import TASK_DEFAULTS, PretrainArguments
+from trl_flowrl.evaluation import evaluate, load_benchmark, programs_benchmark, score_samples
+from trl_flowrl.rewards import CodeReward, LocalSandbox, SandboxLimits, extract_code, normalize_tests
+from trl_flowrl.rewards.code_reward import stdout_matches
+from trl_flowrl.tasks import (
+    EMBEDDED_MODELS,
+    NUM_CASES,
+    ProgrammingProblem,
+    embedded_model_path,
+    enumerate_programs,
+    program_id,
+    programming_dataset,
+    programming_problems_from_dataset,
+    programming_sft_dataset,
+)
+from trl_flowrl.tasks.programming import (
+    HELD_OUT_PERCENT,
+    KINDS,
+    all_problem_keys,
+    format_completion,
+    generate_problems,
+    is_held_out,
+    make_problem,
+)
+
+
+def completion(program: str):
+    return [{"role": "assistant", "content": format_completion(program)}]
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return CodeReward(LocalSandbox(SandboxLimits(timeout_s=10), max_concurrency=2), timeout_per_test=10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation and splits
+
+
+def test_generation_is_deterministic_per_seed():
+    assert generate_problems(40, seed=3) == generate_problems(40, seed=3)
+    assert generate_problems(20, seed=3, split="test") == generate_problems(20, seed=3, split="test")
+    assert generate_problems(40, seed=3) != generate_problems(40, seed=4)
+    assert programming_dataset(10, seed=1).to_list() == programming_dataset(10, seed=1).to_list()
+    assert programming_sft_dataset(10, seed=1).to_list() == programming_sft_dataset(10, seed=1).to_list()
+
+
+def test_problems_have_distinct_cases_with_reference_outputs():
+    for problem in generate_problems(100, seed=0) + generate_problems(5, seed=0, num_cases=2):
+        inputs = [stdin for stdin, _ in problem.cases]
+        assert len(inputs) == len(set(inputs)) and len(inputs) in (NUM_CASES, 2)
+        assert all(out == KINDS[problem.kind].solve(stdin, problem.param) for stdin, out in problem.cases)
+    # Counting a letter: some cases contain it, so a program printing 0 does not pass.
+    counts = [p for p in generate_problems(306, seed=0) if p.kind == "word_count"]
+    assert counts and all(any(out != "0" for _, out in p.cases) for p in counts)
+
+
+def test_train_and_held_out_problems_are_disjoint():
+    train = {p.key for seed in (0, 1) for p in generate_problems(300, seed=seed, unique=False)}
+    test = {p.key for seed in (0, 1) for p in generate_problems(30, seed=seed, split="test")}
+    assert train and test and not train & test
+    assert len(all_problem_keys("train")) + len(all_problem_keys("test")) == len(all_problem_keys()) == 340
+    assert 0.07 < len(all_problem_keys("test")) / 340 < 0.13 and HELD_OUT_PERCENT == 10
+    sft = programming_problems_from_dataset(programming_sft_dataset(500, seed=0))
+    assert not any(p.is_held_out for p in sft)
+    assert not any(p.is_held_out for p in programming_problems_from_dataset(programming_dataset(306, seed=0)))
+    # Every kind is trained on, and held-out problems are new parameters of trained kinds.
+    assert {kind for kind, _ in all_problem_keys("train")} == set(KINDS)
+    assert all(is_held_out(*key) for key in all_problem_keys("test"))
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="unique"):
+        generate_problems(35, split="test")
+    with pytest.raises(ValueError, match="split"):
+        generate_problems(1, split="validation")
+    with pytest.raises(ValueError, match="kind"):
+        ProgrammingProblem("sort", 1, (("1\n", "1"),))
+    with pytest.raises(ValueError, match="parameter"):
+        ProgrammingProblem("int_times", 30, (("1\n", "30"),))
+    with pytest.raises(ValueError, match="case"):
+        ProgrammingProblem("int_times", 20, ())
+    with pytest.raises(ValueError, match="num_cases"):
+        make_problem("int_times", 20, random.Random(0), num_cases=0)
+    with pytest.raises(ValueError, match="kind, param and tests"):
+        programming_problems_from_dataset(programming_sft_dataset(2).remove_columns("kind"))
+
+
+def test_dataset_columns_follow_trl_and_code_reward_conventions():
+    dataset = programming_dataset(3, seed=0)
+    row = dataset[0]
+    problem = programming_problems_from_dataset(dataset)[0]
+    assert row["prompt"] == [{"role": "user", "content": problem.question}]
+    assert problem.question.startswith("Write a Python program that reads ")
+    assert problem.question.endswith("Answer in a ```python block.")
+    assert normalize_tests(row["tests"]) == problem.tests == json.loads(row["tests"])
+    assert problem.tests["style"] == "stdio" and len(problem.tests["cases"]) == NUM_CASES
+    assert programming_problems_from_dataset(dataset) == generate_problems(3, seed=0)
+    sft = programming_sft_dataset(3, seed=0)
+    assert sft[0]["completion"][0]["role"] == "assistant"
+    assert sft[0]["completion"][0]["content"] in enumerate_programs(programming_problems_from_dataset(sft)[0]).values()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Programs and grading
+
+
+def run_in_process(code: str, stdin: str) -> str:
+    """Our own listed programs are trusted: running them here checks every problem in well under a second."""
+    lines = iter(stdin.splitlines())
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {"input": lambda: next(lines)})
+    return out.getvalue()
+
+
+def test_every_listed_program_of_every_problem_gives_the_reference_output():
+    for kind, param in all_problem_keys():
+        problem = make_problem(kind, param, random.Random(f"{kind}{param}"))
+        programs = enumerate_programs(problem)
+        assert len(programs) == len(KINDS[kind].programs(param)) >= 3, problem.key  # all distinct
+        assert all(program_id(text) == pid for pid, text in programs.items())
+        for text in programs.values():
+            for stdin, expected in problem.cases:
+                assert stdout_matches(run_in_process(extract_code(text), stdin), expected), (problem.key, text, stdin)
+
+
+def test_listed_programs_pass_through_code_reward_and_wrong_programs_fail(reward):
+    problems = [
+        make_problem(kind, param, random.Random(0)) for kind, param in [("spread_times", 17), ("word_count", "e")]
+    ]
+    problems.append(make_problem("int_multiples", 13, random.Random(0), num_cases=2))
+    completions, tests = [], []
+    for problem in problems:
+        for text in enumerate_programs(problem).values():
+            completions.append([{"role": "assistant", "content": text}])
+            tests.append(json.dumps(problem.tests))
+    assert reward(completions, tests=tests) == [1.0] * len(completions)
+
+    wrong = [
+        (problems[0], "a = list(map(int, input().split()))\nprint(max(a) - min(a) * 17)"),  # precedence
+        (problems[0], "a = list(map(int, input().split()))\nprint((max(a) - min(a)) * 18)"),  # another parameter
+        (problems[0], "a = list(map(int, input().split()))\nprint((max(a) - min(a)) + 17)"),  # another kind
+        (problems[1], "print(input().count('a'))"),
+        (problems[2], "n = int(input())\nprint(*range(13, 13 * n, 13))"),  # one multiple short
+    ]
+    scores = reward([completion(code) for _, code in wrong], tests=[json.dumps(p.tests) for p, _ in wrong])
+    assert scores == [0.0] * len(wrong)
+
+
+def test_program_id_ignores_formatting_only():
+    base = program_id(format_completion("print(sum(map(int, input().split())) + 7)"))
+    assert base == "print(sum(map(int, input().split())) + 7)"
+    assert program_id("Here:\n```python\nprint( sum(map(int,input().split()))+7 )  # sum\n```") == base
+    assert program_id(completion("print((sum(map(int, input().split()))) + 7)")) == base  # redundant parentheses
+    assert program_id(format_completion("print(7 + sum(map(int, input().split())))")) != base  # operand order
+    assert program_id("print(1)") is None  # no fenced block
+    assert program_id(format_completion("print(1")) is None  # does not parse
+    assert program_id("```python\nprint(1)\n```\n```python\nprint(2)\n```") == "print(2)"  # the last block
+
+
+def test_held_out_benchmark_grades_in_the_sandbox_and_counts_distinct_programs():
+    assert len(load_benchmark("programs")) == 34  # by name: the whole held-out split
+    benchmark = programs_benchmark(2, seed=0)
+    assert benchmark.max_new_tokens == 128 and all(is_held_out(*key) for key in zip(benchmark.dataset["kind"], [
+        int(p) if p.isdigit() else p for p in benchmark.dataset["param"]]))  # fmt: skip
+    first, second = programming_problems_from_dataset(benchmark.dataset)
+    a, b = list(enumerate_programs(first).values())[:2]
+    respaced = a.replace(" ", "  ").replace("```python\n", "```python\n# same program\n")
+    (other,) = list(enumerate_programs(second).values())[:1]
+    wrong = other.replace("print(", "print(1 + ", 1)
+    scores = score_samples(benchmark, [[a, respaced, b, "no code here"], [wrong, wrong, other, other]])
+    first_scores, second_scores = scores["problems"]
+    assert [r["correct"] for r in scores["samples"][0]] == [True, True, True, False]
+    assert [r["correct"] for r in scores["samples"][1]] == [False, False, True, True]
+    assert first_scores["outcomes"] == {"passed": 3, "no_code": 1}
+    assert first_scores["distinct_correct_paths"] == 2  # `a` written differently is still `a`
+    assert second_scores["distinct_correct_paths"] == 1 and second_scores["outcomes"]["failed"] == 2
+    assert scores["avg_at_k"] == 5 / 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded model
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    path = embedded_model_path("programs")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_embedded_model_paths():
+    path = Path(embedded_model_path("programs"))
+    assert path.name == EMBEDDED_MODELS["programs"] and path.parent.parent.name == "trl_flowrl"
+    assert embedded_model_path() == embedded_model_path("arithmetic") != str(path)
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
+        assert (path / name).is_file(), name
+    assert (path / "model.safetensors").stat().st_size <= 3 * 1024 * 1024
+    with pytest.raises(ValueError, match="task"):
+        embedded_model_path("chess")
+
+
+def test_pretraining_defaults_are_the_shipped_settings():
+    # The arithmetic defaults must stay those the shipped arithmetic model was trained with (changing them would change
+    # what `python scripts/pretrain_tiny_model.py` reproduces), and likewise for the programs model.
+    for task in ("arithmetic", "programs"):
+        path = Path(embedded_model_path(task))
+        shipped = json.loads((path / "pretraining.json").read_text())["arguments"]
+        config = json.loads((path / "config.json").read_text())
+        resolved = vars(PretrainArguments(task=task))
+        assert PretrainArguments().task == "arithmetic"
+        assert set(TASK_DEFAULTS[task]) <= set(resolved)
+        for name, value in shipped.items():
+            if name != "output_dir":
+                assert resolved[name] == value, (task, name)
+        assert resolved["max_position_embeddings"] == config["max_position_embeddings"]
+        assert (
+            resolved["num_layers"] == config["num_hidden_layers"] and resolved["hidden_size"] == config["hidden_size"]
+        )
+
+
+def test_embedded_model_loads_and_tokenizer_round_trips_the_task(embedded):
+    model, tokenizer = embedded
+    assert model.config.model_type == "qwen2"
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<pad>"
+    for problem in generate_problems(10, seed=0, split="test"):
+        text = tokenizer.apply_chat_template(problem.prompt, tokenize=False, add_generation_prompt=True)
+        assert text == f"<|im_start|>user\n{problem.question}<|im_end|>\n<|im_start|>assistant\n"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        assert len(ids) == len(text) - len("<|im_start|><|im_end|><|im_start|>") + 3  # one token per character
+        for text in enumerate_programs(problem).values():
+            completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert tokenizer.decode(completion_ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
+            assert len(completion_ids) < 120
+
+
+def test_embedded_model_leaves_room_for_rl_and_samples_several_programs(embedded):
+    # The targets for the shipped model at TRL's sampling temperature, graded by the real sandbox as the recipes
+    # measure it: a pass rate between 20% and 60%, and more than one distinct passing program per problem.
+    model, tokenizer = embedded
+    results = evaluate(
+        {"tiny": model}, programs_benchmark(16), num_samples=8, temperature=1.0, top_p=1.0, tokenizer=tokenizer,
+        backend="transformers", plots=False, progress=False,
+    )  # fmt: skip
+    scores = results["models"]["tiny"]["benchmarks"]["programs"]
+    assert 0.2 <= scores["avg_at_k"] <= 0.6
+    assert scores["diversity"]["distinct_correct_paths"] > 1.0
+    assert "infra_error" not in scores["outcomes"]
