@@ -145,7 +145,9 @@ def main():
     parser.add_argument("--batch_size", type=int, default=64, help="completions per step (8 per problem)")
     parser.add_argument("--num_threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument(
+        "--output-dir", "--output_dir", dest="output_dir", default=str(REPO / "benchmarks" / "results")
+    )
     parser.add_argument("--smoke", action="store_true", help="1 round of 2 steps, to check that the script runs")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     args = parser.parse_args()

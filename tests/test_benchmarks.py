@@ -214,3 +214,28 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     result = subprocess.run([*command, "--readme", str(readme)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "results:start" in result.stderr
     assert readme.read_text() == "# no markers\n"
+
+
+def test_overhead_smoke(tmp_path):
+    """Benchmark 1 in `--smoke` mode: four trainers, one fresh process each, and the report the writer renders."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_overhead.py"), "--smoke", "--output-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "target flowrl/grpo_kl <= 1.03" in result.stdout and "target exgrpo/grpo <= 1.05" in result.stdout
+    report = _load(tmp_path, "overhead")
+    assert set(report["summary"]) == {"grpo", "grpo_kl", "flowrl", "exgrpo"}
+    for name, summary in report["summary"].items():
+        assert summary["step_time_s"] > 0 and summary["peak_memory_mb"] > 0, name
+        assert len(report["runs"][name]) == 1 and len(report["runs"][name][0]["step_times"]) == 2
+    flowrl, grpo_kl = report["summary"]["flowrl"]["step_time_s"], report["summary"]["grpo_kl"]["step_time_s"]
+    assert report["step_time_ratios"]["flowrl/grpo_kl"] == pytest.approx(flowrl / grpo_kl)
+    assert report["targets"]["flowrl/grpo_kl"]["met"] == (flowrl / grpo_kl <= 1.03)
+    assert report["runs"]["exgrpo"][0]["entropy_scoring_s"]  # ExGRPO replayed (and scored entropy) in 3 steps
+    lines = write_results.render_overhead(report, tmp_path, tmp_path, "overhead")
+    assert any("flowrl" in line.lower() for line in lines)
