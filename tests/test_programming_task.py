@@ -1,23 +1,18 @@
-"""The built-in programming task, its held-out benchmark, and the embedded tiny model for it."""
+"""The built-in programming task: problems, splits, listed programs, sandboxed grading, and its held-out benchmark."""
 
 import contextlib
 import io
 import json
 import random
-from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from scripts.pretrain_tiny_model import TASK_DEFAULTS, PretrainArguments
-from trl_flowrl.evaluation import evaluate, load_benchmark, programs_benchmark, score_samples
+from trl_flowrl.evaluation import load_benchmark, programs_benchmark, score_samples
 from trl_flowrl.rewards import CodeReward, LocalSandbox, SandboxLimits, extract_code, normalize_tests
 from trl_flowrl.rewards.code_reward import stdout_matches
 from trl_flowrl.tasks import (
-    EMBEDDED_MODELS,
     NUM_CASES,
     ProgrammingProblem,
-    embedded_model_path,
     enumerate_programs,
     program_id,
     programming_dataset,
@@ -188,73 +183,3 @@ def test_held_out_benchmark_grades_in_the_sandbox_and_counts_distinct_programs()
     assert first_scores["distinct_correct_paths"] == 2  # `a` written differently is still `a`
     assert second_scores["distinct_correct_paths"] == 1 and second_scores["outcomes"]["failed"] == 2
     assert scores["avg_at_k"] == 5 / 8
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The embedded model
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    path = embedded_model_path("programs")
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
-def test_embedded_model_paths():
-    path = Path(embedded_model_path("programs"))
-    assert path.name == EMBEDDED_MODELS["programs"] and path.parent.parent.name == "trl_flowrl"
-    assert embedded_model_path() == embedded_model_path("arithmetic") != str(path)
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
-        assert (path / name).is_file(), name
-    assert (path / "model.safetensors").stat().st_size <= 3 * 1024 * 1024
-    with pytest.raises(ValueError, match="task"):
-        embedded_model_path("chess")
-
-
-def test_pretraining_defaults_are_the_shipped_settings():
-    # The arithmetic defaults must stay those the shipped arithmetic model was trained with (changing them would change
-    # what `python scripts/pretrain_tiny_model.py` reproduces), and likewise for the programs model.
-    for task in ("arithmetic", "programs"):
-        path = Path(embedded_model_path(task))
-        shipped = json.loads((path / "pretraining.json").read_text())["arguments"]
-        config = json.loads((path / "config.json").read_text())
-        resolved = vars(PretrainArguments(task=task))
-        assert PretrainArguments().task == "arithmetic"
-        assert set(TASK_DEFAULTS[task]) <= set(resolved)
-        for name, value in shipped.items():
-            if name != "output_dir":
-                assert resolved[name] == value, (task, name)
-        assert resolved["max_position_embeddings"] == config["max_position_embeddings"]
-        assert (
-            resolved["num_layers"] == config["num_hidden_layers"] and resolved["hidden_size"] == config["hidden_size"]
-        )
-
-
-def test_embedded_model_loads_and_tokenizer_round_trips_the_task(embedded):
-    model, tokenizer = embedded
-    assert model.config.model_type == "qwen2"
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<pad>"
-    for problem in generate_problems(10, seed=0, split="test"):
-        text = tokenizer.apply_chat_template(problem.prompt, tokenize=False, add_generation_prompt=True)
-        assert text == f"<|im_start|>user\n{problem.question}<|im_end|>\n<|im_start|>assistant\n"
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert tokenizer.decode(ids) == text
-        assert len(ids) == len(text) - len("<|im_start|><|im_end|><|im_start|>") + 3  # one token per character
-        for text in enumerate_programs(problem).values():
-            completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            assert tokenizer.decode(completion_ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
-            assert len(completion_ids) < 120
-
-
-def test_embedded_model_leaves_room_for_rl_and_samples_several_programs(embedded):
-    # The targets for the shipped model at TRL's sampling temperature, graded by the real sandbox as the recipes
-    # measure it: a pass rate between 20% and 60%, and more than one distinct passing program per problem.
-    model, tokenizer = embedded
-    results = evaluate(
-        {"tiny": model}, programs_benchmark(16), num_samples=8, temperature=1.0, top_p=1.0, tokenizer=tokenizer,
-        backend="transformers", plots=False, progress=False,
-    )  # fmt: skip
-    scores = results["models"]["tiny"]["benchmarks"]["programs"]
-    assert 0.2 <= scores["avg_at_k"] <= 0.6
-    assert scores["diversity"]["distinct_correct_paths"] > 1.0
-    assert "infra_error" not in scores["outcomes"]
