@@ -15,7 +15,9 @@ from trl_flowrl.recipe import parse_recipe_args, run
 
 if __name__ == "__main__":
     script_args, training_args, model_args = parse_recipe_args(
-        FlowRLConfig, Path(__file__).parent / "configs" / "embedded" / "flowrl_programs.yaml"
+        FlowRLConfig,
+        Path(__file__).parent / "configs" / "embedded" / "flowrl_programs.yaml",
+        default_dataset="programs",
     )
     trainer = run(FlowRLTrainer, script_args, training_args, model_args)
     trainer.end()

@@ -16,7 +16,7 @@ from trl_flowrl.recipe import parse_recipe_args, run
 
 if __name__ == "__main__":
     script_args, training_args, model_args = parse_recipe_args(
-        GRPOConfig, Path(__file__).parent / "configs" / "embedded" / "grpo_programs.yaml"
+        GRPOConfig, Path(__file__).parent / "configs" / "embedded" / "grpo_programs.yaml", default_dataset="programs"
     )
     trainer = run(GRPOTrainer, script_args, training_args, model_args)
     trainer.end()

@@ -236,6 +236,7 @@ def test_overhead_smoke(tmp_path):
     flowrl, grpo_kl = report["summary"]["flowrl"]["step_time_s"], report["summary"]["grpo_kl"]["step_time_s"]
     assert report["step_time_ratios"]["flowrl/grpo_kl"] == pytest.approx(flowrl / grpo_kl)
     assert report["targets"]["flowrl/grpo_kl"]["met"] == (flowrl / grpo_kl <= 1.03)
-    assert report["runs"]["exgrpo"][0]["entropy_scoring_s"]  # ExGRPO replayed (and scored entropy) in 3 steps
+    assert report["runs"]["exgrpo"][0]["entropy_scoring_s"]  # ExGRPO replayed (and scored entropy)
     lines = write_results.render_overhead(report, tmp_path, tmp_path, "overhead")
-    assert any("flowrl" in line.lower() for line in lines)
+    assert any(line.startswith("| FlowRL |") for line in lines)
+    assert any("Target flowrl/grpo_kl <= 1.03" in line for line in lines)

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scripts.pretrain_tiny_model import TASK_DEFAULTS, PretrainArguments
-from trl_flowrl.evaluation import arithmetic_benchmark, evaluate, programs_benchmark
+from trl_flowrl.evaluation import arithmetic_benchmark, evaluate, named_models, programs_benchmark
 from trl_flowrl.tasks import (
     EMBEDDED_MODELS,
     embedded_model_path,
@@ -50,6 +50,9 @@ def test_shipped_in_the_package_as_small_safetensors(task):
     assert embedded_model_path() == embedded_model_path("arithmetic")
     with pytest.raises(ValueError, match="task"):
         embedded_model_path("chess")
+    # the evaluation command's names for them
+    assert named_models(f"embedded:{task}") == {f"embedded:{task}": str(path)}
+    assert named_models("embedded") == {"embedded": embedded_model_path("arithmetic")}
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -62,6 +65,7 @@ def test_pretraining_defaults_are_the_shipped_settings(task):
     resolved = vars(PretrainArguments(task=task))
     assert PretrainArguments().task == "arithmetic"
     assert set(TASK_DEFAULTS[task]) <= set(resolved)
+    assert set(resolved) == set(shipped)  # the record names every setting, so none can drift unnoticed
     for name, value in shipped.items():
         if name != "output_dir":
             assert resolved[name] == value, name

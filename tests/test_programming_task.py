@@ -72,7 +72,6 @@ def test_train_and_held_out_problems_are_disjoint():
     assert not any(p.is_held_out for p in programming_problems_from_dataset(programming_dataset(306, seed=0)))
     # Every kind is trained on, and held-out problems are new parameters of trained kinds.
     assert {kind for kind, _ in all_problem_keys("train")} == set(KINDS)
-    assert all(is_held_out(*key) for key in all_problem_keys("test"))
 
 
 def test_clear_errors():
@@ -167,12 +166,14 @@ def test_program_id_ignores_formatting_only():
 
 def test_held_out_benchmark_grades_in_the_sandbox_and_counts_distinct_programs():
     assert len(load_benchmark("programs")) == 34  # by name: the whole held-out split
+    with pytest.raises(ValueError, match="34 held-out problems"):
+        programs_benchmark(35)
     benchmark = programs_benchmark(2, seed=0)
     assert benchmark.max_new_tokens == 128 and all(is_held_out(*key) for key in zip(benchmark.dataset["kind"], [
         int(p) if p.isdigit() else p for p in benchmark.dataset["param"]]))  # fmt: skip
     first, second = programming_problems_from_dataset(benchmark.dataset)
     a, b = list(enumerate_programs(first).values())[:2]
-    respaced = a.replace(" ", "  ").replace("```python\n", "```python\n# same program\n")
+    respaced = a.replace("print(", "print( ").replace("```python\n", "```python\n# same program\n")
     (other,) = list(enumerate_programs(second).values())[:1]
     wrong = other.replace("print(", "print(1 + ", 1)
     scores = score_samples(benchmark, [[a, respaced, b, "no code here"], [wrong, wrong, other, other]])

@@ -119,8 +119,13 @@ def test_embedded_configs_parse_and_are_read_without_arguments(config_cls, name,
     assert args.max_completion_length == (128 if task == "programs" else 64)
     # With a model of one's own, the embedded file is not read (and TRL's GPU defaults, bf16 included, apply)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
-    script_args, args, model_args = parse_recipe_args(config_cls, path, argv=["--model_name_or_path", "org/model"])
-    assert model_args.model_name_or_path == "org/model" and args.max_completion_length != 64
+    script_args, args, model_args = parse_recipe_args(
+        config_cls, path, argv=["--model_name_or_path", "org/model"], default_dataset=task
+    )
+    default = config_cls.__dataclass_fields__["max_completion_length"].default
+    assert model_args.model_name_or_path == "org/model" and args.max_completion_length == default
+    # ... but the recipe's task still applies: a code recipe given only a model trains on the programs task
+    assert script_args.dataset_name == task and script_args.reward == ("code" if task == "programs" else "math")
 
 
 def test_accelerate_configs_use_only_known_keys():

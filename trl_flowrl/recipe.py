@@ -16,6 +16,7 @@ What `run` does, in order:
 6. for a built-in task, the same measurement on the trained model, printed beside the first.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -116,7 +117,7 @@ class RecipeArguments(ScriptArguments):
             raise ValueError(
                 f"Unknown dataset_name {self.dataset_name!r}: use one of {list(BUILTIN_TASKS + MATH_DATASETS + CODE_DATASETS)}."
             )
-        if self.reward is None:
+        if self.reward is None and self.dataset_name is not None:  # None: the recipe's default task decides
             self.reward = "code" if name in CODE_DATASETS + ("programs",) else "math"
 
     @property
@@ -126,17 +127,24 @@ class RecipeArguments(ScriptArguments):
         return name if name in BUILTIN_TASKS else None
 
 
-def parse_recipe_args(config_cls, embedded_config: str | Path, argv: list[str] | None = None):
+def parse_recipe_args(
+    config_cls, embedded_config: str | Path, argv: list[str] | None = None, default_dataset: str = "arithmetic"
+):
     """Parse `(RecipeArguments, config_cls, ModelConfig)` from the command line and `--config`.
 
     With neither `--config` nor `--model_name_or_path`, the embedded default `embedded_config` is read first, so
-    `python recipes/flowrl_math.py` (and any override such as `--max_steps 50`) trains the embedded model.
+    `python recipes/flowrl_math.py` (and any override such as `--max_steps 50`) trains the embedded model. When no
+    dataset is named anywhere, the recipe's `default_dataset` is used (`programs` for the code recipes), with its
+    reward.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == flag or a.startswith(flag + "=") for a in argv for flag in ("--config", "--model_name_or_path")):
         argv = ["--config", str(embedded_config), *argv]
     parser = TrlParser((RecipeArguments, config_cls, ModelConfig))
-    return parser.parse_args_and_config(args=argv)
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if script_args.dataset_name is None:
+        script_args = dataclasses.replace(script_args, dataset_name=default_dataset)
+    return script_args, training_args, model_args
 
 
 def _load_dataset(script_args: RecipeArguments, seed: int):
@@ -165,20 +173,26 @@ def _drop_long_prompts(dataset, tokenizer, max_prompt_length: int):
     return kept
 
 
+def _build_code_executor(script_args: RecipeArguments):
+    from trl_flowrl.rewards import LocalSandbox, SandboxFusionExecutor, SandboxLimits
+
+    if script_args.code_executor == "sandboxfusion":
+        return SandboxFusionExecutor(script_args.sandbox_url, max_concurrency=script_args.code_max_concurrency)
+    return LocalSandbox(
+        SandboxLimits(timeout_s=script_args.code_timeout), max_concurrency=script_args.code_max_concurrency
+    )
+
+
 def _build_reward(script_args: RecipeArguments):
-    if script_args.reward == "math":
+    if (script_args.reward or "math") == "math":
         from trl_flowrl.rewards import MathAccuracyReward
 
         return MathAccuracyReward(answer_format=script_args.math_answer_format)
-    from trl_flowrl.rewards import CodeReward, LocalSandbox, SandboxFusionExecutor, SandboxLimits
+    from trl_flowrl.rewards import CodeReward
 
-    if script_args.code_executor == "sandboxfusion":
-        executor = SandboxFusionExecutor(script_args.sandbox_url, max_concurrency=script_args.code_max_concurrency)
-    else:
-        executor = LocalSandbox(
-            SandboxLimits(timeout_s=script_args.code_timeout), max_concurrency=script_args.code_max_concurrency
-        )
-    return CodeReward(executor, scoring=script_args.code_scoring, timeout_per_test=script_args.code_timeout)
+    return CodeReward(
+        _build_code_executor(script_args), scoring=script_args.code_scoring, timeout_per_test=script_args.code_timeout
+    )
 
 
 def _summary_benchmark(script_args: RecipeArguments, seed: int):
@@ -190,7 +204,12 @@ def _summary_benchmark(script_args: RecipeArguments, seed: int):
 
     if script_args.task == "programs":
         num_problems = min(script_args.num_eval_problems, len(programming.all_problem_keys("test")))
-        return programs_benchmark(num_problems, seed=seed, timeout_per_test=script_args.code_timeout)
+        return programs_benchmark(
+            num_problems,
+            seed=seed,
+            executor=_build_code_executor(script_args),  # the sandbox the training reward uses
+            timeout_per_test=script_args.code_timeout,
+        )
     return arithmetic_benchmark(num_problems=script_args.num_eval_problems, seed=seed)
 
 

@@ -13,9 +13,9 @@ A `Benchmark` is everything the evaluation needs to know about a task:
 
 Built-in benchmarks, by name (`load_benchmark`): the six math sets of the FlowRL paper, HumanEval+ and LiveCodeBench
 (datasets from `trl_flowrl.data`, graded by `trl_flowrl.rewards`), the two embedded tasks of `trl_flowrl.tasks`
-(`arithmetic`, with exact reasoning-path ids; `programs`, with programs identified by their syntax tree), and any local dataset file or `save_to_disk` folder with a grader chosen by name
-(`math`, `code`, `boxed`, or `module:function` naming a TRL reward function). Every adapter imports its module only
-when used.
+(`arithmetic`, with exact reasoning-path ids; `programs`, with programs identified by their syntax tree), and any
+local dataset file or `save_to_disk` folder with a grader chosen by name (`math`, `code`, `boxed`, or
+`module:function` naming a TRL reward function). Every adapter imports its module only when used.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ GRADER_NAMES = ("math", "code", "boxed")
 
 DEFAULT_MAX_NEW_TOKENS = 8192  # the FlowRL paper's evaluation length
 ARITHMETIC_MAX_NEW_TOKENS = 80  # a path of the embedded task is well under 80 characters (= tokens)
-PROGRAMS_MAX_NEW_TOKENS = 128  # the longest listed program of the embedded task is 102 characters (= tokens)
+PROGRAMS_MAX_NEW_TOKENS = 128  # the longest listed completion (fenced program) is 102 characters (= tokens)
 
 # Columns whose value, when present, is kept as the problem's id in the per-problem results.
 ID_COLUMNS = ("id", "unique_id", "problem_id", "task_id", "question_id")
@@ -405,8 +405,11 @@ def programs_benchmark(num_problems: int | None = None, seed: int = 0, **reward_
     trains with), with programs identified by their syntax tree (`program_id`). `reward_kwargs` go to `CodeReward`."""
     from trl_flowrl.tasks import program_id, programming, programming_dataset
 
+    available = len(programming.all_problem_keys("test"))
     if num_problems is None:
-        num_problems = len(programming.all_problem_keys("test"))
+        num_problems = available
+    elif not 1 <= num_problems <= available:
+        raise ValueError(f"The programs task has {available} held-out problems: ask for 1 to {available} (None: all).")
 
     def identify(completion: str, row: dict) -> str | None:
         return program_id(completion)

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="[LABEL=]PATH",
-        help="checkpoint path or hub id (repeat for several models; 'embedded' is the package's tiny model)",
+        help="checkpoint path or hub id (repeat for several models; 'embedded' is the package's tiny arithmetic "
+        "model, 'embedded:programs' its programming one)",
     )
     parser.add_argument(
         "--benchmarks",
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default: 8192 (math, code, local), 80 (arithmetic)"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: 8192 (math, code, local), 80 (arithmetic), 128 (programs)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: vLLM when installed")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (transformers)")

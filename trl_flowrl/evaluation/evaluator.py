@@ -184,10 +184,11 @@ def _default_label(model) -> str:
 
 
 def _resolve_model(model):
-    if isinstance(model, str) and model == "embedded" and not os.path.exists(model):
+    """`embedded` (the arithmetic model) and `embedded:<task>` name the package's tiny models."""
+    if isinstance(model, str) and model.split(":")[0] == "embedded" and not os.path.exists(model):
         from trl_flowrl.tasks import embedded_model_path
 
-        return embedded_model_path()
+        return embedded_model_path(model.partition(":")[2] or "arithmetic")
     return model
 
 
@@ -259,7 +260,8 @@ def evaluate(
     """Evaluate one or more models on benchmarks: k samples per problem, avg@k, pass@k curve, diversity.
 
     Args:
-        model: a checkpoint path or hub id (`"embedded"`: the package's tiny model), a model instance (with
+        model: a checkpoint path or hub id (`"embedded"`: the package's tiny arithmetic model,
+            `"embedded:programs"`: its programming one), a model instance (with
             `tokenizer`), a list of those, `"label=path"` strings, or a {label: model} mapping. Several models go
             into one report, side by side.
         benchmarks: names (`"math500,aime24"` or a list; see `available_benchmarks()`), local dataset paths
@@ -267,7 +269,7 @@ def evaluate(
         num_samples: k, samples per problem (paper: 16).
         temperature, top_p: sampling (paper: 0.6, 0.95).
         max_new_tokens: generation length for every benchmark; default each benchmark's own (8192, the paper's,
-            for the math and code sets and local datasets; 80 for the embedded task).
+            for the math and code sets and local datasets; 80 for `arithmetic`, 128 for `programs`).
         output_dir: where `results.json`, `results.md`, the plots and `samples/<model>/<benchmark>.jsonl` go; when
             None nothing is written and the samples stay in the returned dict.
         tokenizer: the tokenizer of a model instance.

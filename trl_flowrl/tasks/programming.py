@@ -2,7 +2,7 @@
 
 A problem is a kind and a parameter, asked as one user message::
 
-    Write a Python program that reads a line of integers and prints their sum plus 7. Answer in a ```python block.
+    Write a Python program that reads a line of integers and prints their sum plus 17. Answer in a ```python block.
 
 and answered with one fenced code block, graded by `trl_flowrl.rewards.CodeReward` against the problem's stdin/stdout
 cases. The kinds (`KINDS`), with parameter K:
@@ -13,10 +13,10 @@ cases. The kinds (`KINDS`), with parameter K:
 - a word -> the word K times (K in 2..9), the count of one letter (K in a..z), its first K letters in upper case
   (K in 1..6).
 
-That is 340 problems (306 for training, 34 held out). The expected output of every case is computed here by plain Python, never by running a program.
-Each problem lists several correct programs that differ in construction (a built-in vs a loop, sorting vs `max`,
-operand order), e.g. ``print(sum(map(int, input().split())) + 7)`` and a loop that accumulates ``s``; pre-training on
-all of them makes the model sample several programs per problem.
+That is 340 problems (306 for training, 34 held out). The expected output of every case is computed here by plain
+Python, never by running a program. Each problem lists several correct programs that differ in construction (a
+built-in vs a loop, sorting vs `max`, operand order), e.g. ``print(sum(map(int, input().split())) + 17)`` and a loop
+that accumulates ``s``; pre-training on all of them makes the model sample several programs per problem.
 
 Two programs are the same when their code parses to the same syntax tree: `program_id` is the code of the completion's
 last fenced block, parsed and unparsed by `ast`, so spacing, comments, quotes and redundant parentheses do not make a
