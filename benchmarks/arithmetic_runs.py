@@ -160,7 +160,7 @@ def mean_curve(curves: Sequence[Sequence[Mapping]], key: str) -> list[float]:
 
 
 def machine() -> str:
-    """The CPU model and core count (the same wording as benchmark 1)."""
+    """The CPU model and core count, as every benchmark reports it."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

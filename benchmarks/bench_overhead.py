@@ -18,7 +18,6 @@ writes `overhead.json` and `overhead.png` to `--output_dir`.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "recipes" / "configs" / "embedded"
 TRAINERS = ("grpo", "grpo_kl", "flowrl", "exgrpo")
 TARGETS = {("flowrl", "grpo_kl"): 1.03, ("exgrpo", "grpo"): 1.05}
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import arithmetic_runs  # noqa: E402  (the benchmarks' shared helpers: the machine's description)
 
 
 def _rss_mb(field: str) -> float:
@@ -102,16 +104,6 @@ def worker(name: str, args) -> dict:
             if "replay/entropy_scoring_time" in e
         ],
     }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -222,7 +214,7 @@ def main():
         "benchmark": "overhead",
         "smoke": args.smoke,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": arithmetic_runs.machine(),
         "device": args.device,
         "settings": {
             k: getattr(args, k) for k in ("model", "steps", "warmup", "rounds", "batch_size", "num_threads", "seed")

@@ -74,7 +74,7 @@ TASK_DEFAULTS = {
         "eval_problems": 34,  # the whole held-out split
         "eval_samples": 8,
         "max_new_tokens": 128,
-        # One thread: on a shared 2-core machine, two threads fighting another process ran ~7x slower.
+        # One thread: the shipped model was trained so, and the weights depend on the thread count.
         "num_threads": 1,
     },
 }

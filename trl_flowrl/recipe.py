@@ -38,8 +38,10 @@ class RecipeArguments(ScriptArguments):
 
     Parameters:
         dataset_name (`str` or `None`, *optional*, defaults to `None`):
-            A built-in task of `trl_flowrl.tasks` (`"arithmetic"`, also used when None, or `"programs"`), or a
-            name of `trl_flowrl.data.DATASETS`: `dapo_math`, `openr1_math`, `deepcoder`, ...
+            A built-in task of `trl_flowrl.tasks` (`"arithmetic"` or `"programs"`), or a name of
+            `trl_flowrl.data.DATASETS`: `dapo_math`, `openr1_math`, `deepcoder`, ... None: the recipe's own task
+            (`parse_recipe_args`'s `default_dataset`: `arithmetic` for the math recipes, `programs` for the code
+            ones).
         dataset_path (`str` or `None`, *optional*, defaults to `None`):
             A local copy of the hub dataset (a `huggingface-cli download --local-dir` folder, a `save_to_disk`
             folder or data files), for machines without hub access.
@@ -76,8 +78,8 @@ class RecipeArguments(ScriptArguments):
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "'arithmetic' or 'programs' (built-in; arithmetic is the default) or a name of "
-            "trl_flowrl.data.DATASETS (dapo_math, ...)."
+            "help": "'arithmetic' or 'programs' (built-in) or a name of trl_flowrl.data.DATASETS (dapo_math, ...); "
+            "default: the recipe's own task."
         },
     )
     dataset_path: str | None = field(
@@ -173,30 +175,25 @@ def _drop_long_prompts(dataset, tokenizer, max_prompt_length: int):
     return kept
 
 
-def _build_code_executor(script_args: RecipeArguments):
-    from trl_flowrl.rewards import LocalSandbox, SandboxFusionExecutor, SandboxLimits
-
-    if script_args.code_executor == "sandboxfusion":
-        return SandboxFusionExecutor(script_args.sandbox_url, max_concurrency=script_args.code_max_concurrency)
-    return LocalSandbox(
-        SandboxLimits(timeout_s=script_args.code_timeout), max_concurrency=script_args.code_max_concurrency
-    )
-
-
 def _build_reward(script_args: RecipeArguments):
     if (script_args.reward or "math") == "math":
         from trl_flowrl.rewards import MathAccuracyReward
 
         return MathAccuracyReward(answer_format=script_args.math_answer_format)
-    from trl_flowrl.rewards import CodeReward
+    from trl_flowrl.rewards import CodeReward, LocalSandbox, SandboxFusionExecutor, SandboxLimits
 
-    return CodeReward(
-        _build_code_executor(script_args), scoring=script_args.code_scoring, timeout_per_test=script_args.code_timeout
-    )
+    if script_args.code_executor == "sandboxfusion":
+        executor = SandboxFusionExecutor(script_args.sandbox_url, max_concurrency=script_args.code_max_concurrency)
+    else:
+        executor = LocalSandbox(
+            SandboxLimits(timeout_s=script_args.code_timeout), max_concurrency=script_args.code_max_concurrency
+        )
+    return CodeReward(executor, scoring=script_args.code_scoring, timeout_per_test=script_args.code_timeout)
 
 
-def _summary_benchmark(script_args: RecipeArguments, seed: int):
-    """The held-out problems of a built-in task, or None (no summary) for a hub dataset."""
+def _summary_benchmark(script_args: RecipeArguments, seed: int, reward):
+    """The held-out problems of a built-in task, or None (no summary) for a hub dataset. The programs are graded in
+    the training reward's own executor."""
     if script_args.task is None or script_args.num_eval_problems <= 0:
         return None
     from trl_flowrl.evaluation import arithmetic_benchmark, programs_benchmark
@@ -207,7 +204,7 @@ def _summary_benchmark(script_args: RecipeArguments, seed: int):
         return programs_benchmark(
             num_problems,
             seed=seed,
-            executor=_build_code_executor(script_args),  # the sandbox the training reward uses
+            executor=getattr(reward, "executor", None),  # None (a non-code reward): a default LocalSandbox
             timeout_per_test=script_args.code_timeout,
         )
     return arithmetic_benchmark(num_problems=script_args.num_eval_problems, seed=seed)
@@ -277,12 +274,13 @@ def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: Mo
         dataset = _drop_long_prompts(dataset, tokenizer, script_args.max_prompt_length)
 
     is_main = int(os.environ.get("RANK", "0")) == 0
-    benchmark = _summary_benchmark(script_args, training_args.seed)
+    reward = _build_reward(script_args)
+    benchmark = _summary_benchmark(script_args, training_args.seed, reward)
     before = _measure(model_path, benchmark, script_args, training_args) if benchmark and is_main else None
 
     trainer = trainer_cls(
         model=model_path,
-        reward_funcs=[_build_reward(script_args)],
+        reward_funcs=[reward],
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
