@@ -249,7 +249,7 @@ def main(args: PretrainArguments):
     model.generation_config.do_sample = True
     model.generation_config.temperature = 1.0
     model.generation_config.top_k = 0
-    model.generation_config.max_new_tokens = 80 if args.task == "arithmetic" else args.max_new_tokens
+    model.generation_config.max_new_tokens = held_out.max_new_tokens  # what the evaluation generates by default
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     report = {
