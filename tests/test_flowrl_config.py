@@ -17,6 +17,44 @@ def test_defaults_follow_the_paper(tmp_path):
     assert (config.log_z_num_layers, config.log_z_dropout, config.log_z_pooling) == (3, 0.1, "mean")
     assert config.log_z_learning_rate is None
     assert config.scale_rewards == "group"  # r_i is the group-normalised reward
+    assert config.objective == "official"
+    assert (config.residual_normalization, config.log_z_estimate) == ("token_mean", "head")
+    assert config.loss_type is None and config.use_bias_correction_kl is False
+
+
+def test_matching_preset_and_explicit_values_win(tmp_path):
+    config = make_config(tmp_path, objective="matching")
+    assert config.beta == 5.0
+    assert (config.residual_normalization, config.reward_in_residual, config.log_z_estimate) == (
+        "length",
+        "reward",
+        "group",
+    )
+    config = make_config(tmp_path, objective="matching", beta=8.0, residual_normalization="sum", log_z_estimate="head")
+    assert (config.beta, config.residual_normalization, config.log_z_estimate) == (8.0, "sum", "head")
+    assert config.reward_in_residual == "reward"  # still the preset's
+    # the official preset leaves explicit ingredients alone too
+    assert make_config(tmp_path, reward_in_residual="reward").residual_normalization == "token_mean"
+
+
+def test_group_estimate_needs_whole_groups_on_each_process(tmp_path, monkeypatch):
+    # Two processes with 2 completions each: TRL accepts the global batch of 4 = num_generations, but each process
+    # would hold half a group.
+    monkeypatch.setattr(FlowRLConfig, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="must be a multiple of num_generations"):
+        make_config(tmp_path, objective="matching", per_device_train_batch_size=2, num_generations=4)
+    make_config(tmp_path, objective="official", per_device_train_batch_size=2, num_generations=4)
+
+
+def test_recipe_refuses_a_non_finite_beta():
+    from pathlib import Path
+
+    from trl_flowrl.recipe import parse_recipe_args
+
+    embedded = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "embedded" / "flowrl_arithmetic.yaml"
+    for value in ("nan", "inf"):
+        with pytest.raises(ValueError, match="positive and finite"):
+            parse_recipe_args(FlowRLConfig, embedded, argv=["--beta", value, "--use_cpu", "true"])
 
 
 @pytest.mark.parametrize(
@@ -24,6 +62,18 @@ def test_defaults_follow_the_paper(tmp_path):
     [
         ({"beta": 0.0}, "beta is the reward scale"),
         ({"beta": -1.0}, "must be positive"),
+        ({"beta": float("nan")}, "positive and finite"),
+        ({"beta": float("inf")}, "positive and finite"),
+        ({"objective": "reverse_kl"}, "objective must be one of"),
+        ({"residual_normalization": "mean"}, "residual_normalization must be"),
+        ({"log_z_estimate": "mlp"}, "log_z_estimate must be"),
+        ({"importance_weight_max": float("nan")}, "importance_weight_max must be positive and finite"),
+        ({"log_z_learning_rate": float("nan")}, "log_z_learning_rate must be positive and finite"),
+        ({"log_z_learning_rate": 1e-3, "log_z_estimate": "group"}, "has no head"),
+        ({"loss_type": "dr_grpo"}, "has no loss_type"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ({"delta": 2.0}, "delta"),
+        ({"use_bias_correction_kl": True}, "adds no KL term"),
         ({"importance_weight_clipping": "soft"}, "importance_weight_clipping must be"),
         ({"importance_weight_max": 0.0}, "importance_weight_max must be positive"),
         ({"importance_weight_clipping": "symmetric", "epsilon": 1.5}, "epsilon must be in"),

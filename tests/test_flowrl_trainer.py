@@ -1,6 +1,7 @@
 """FlowRLTrainer end to end on the tiny local model: training, the log Z head, checkpoints, PEFT, metrics."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from trl_flowrl import FlowRLConfig, FlowRLTrainer
-from trl_flowrl.flowrl.flowrl_trainer import LOG_Z_STATE_NAME
+from trl_flowrl.flowrl.flowrl_trainer import LOG_Z_STATE_NAME, saved_config_class
 
 
 def count_digits(completions, **kwargs):
@@ -202,7 +203,8 @@ def test_several_optimizer_steps_per_generation_use_importance_weights(tiny_mode
 def prepared_batch(trainer, dataset):
     """One generation batch, scored and ready for `_compute_loss`, the way `_prepare_inputs` builds it."""
     trainer.model.train()
-    rows = [dataset[i] for i in range(trainer.args.per_device_train_batch_size // trainer.num_generations)]
+    num_rows = trainer.args.per_device_train_batch_size * trainer.args.steps_per_generation
+    rows = [dataset[i] for i in range(num_rows // trainer.num_generations)]
     rows = [row for row in rows for _ in range(trainer.num_generations)]
     return trainer._generate_and_score_completions(rows)
 
@@ -343,3 +345,199 @@ if rank == 0:
 trainer.accelerator.wait_for_everyone()
 trainer.accelerator.end_training()
 """
+
+
+# -- the matching objective (group estimate of log Z, no head) -------------------------------------------------------
+
+
+def test_matching_objective_trains_without_a_head(tiny_model_path, tmp_path, arithmetic_dataset):
+    trainer = make_trainer(tiny_model_path, tmp_path, arithmetic_dataset, objective="matching")
+    assert trainer.log_z_head is None and trainer.log_z_optimizer is None
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert trainer.log_z_scheduler is None
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert len(logged(trainer, "flowrl/log_z/mean")) == 2
+    assert all(torch.isfinite(torch.tensor(logged(trainer, "flowrl/residual/abs_mean"))))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])  # 1: TRL computes old log-probs; 2: it does not (one extra pass)
+def test_group_estimate_at_generation_equals_the_in_batch_estimate(
+    tiny_model_path, tmp_path, arithmetic_dataset, accumulation
+):
+    # Two micro-batches per generation batch: the loss sees parts of groups, so log Z is estimated at generation, from
+    # the sampling policy. Before any step that is the current policy: the estimate must equal the one computed from
+    # the whole batch in the loss's own forward pass.
+    trainer = make_trainer(
+        tiny_model_path,
+        tmp_path,
+        arithmetic_dataset,
+        objective="matching",
+        steps_per_generation=2,
+        gradient_accumulation_steps=accumulation,
+    )
+    batch = prepared_batch(trainer, arithmetic_dataset)
+    assert ("old_per_token_logps" in batch) == (accumulation == 1)
+    precomputed = batch["flowrl_log_z"]
+    assert precomputed.shape == (8,) and torch.equal(batch["flowrl_group"], torch.arange(8) // 4)
+    trainer.model.eval()
+    with_precomputed = trainer._compute_loss(trainer.model, batch).item()
+    del batch["flowrl_log_z"]
+    assert trainer._compute_loss(trainer.model, batch).item() == pytest.approx(with_precomputed, rel=1e-5)
+    in_batch = trainer._metrics["eval"]["flowrl/log_z/mean"][-1]
+    assert in_batch == pytest.approx(precomputed.mean().item(), rel=1e-5, abs=1e-5)
+
+
+def test_matching_checkpoint_resume_reproduces_an_uninterrupted_run(tiny_model_path, tmp_path, arithmetic_dataset):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, objective="matching")
+    full = make_trainer(tiny_model_path, tmp_path / "full", arithmetic_dataset, **common)
+    full.train()
+    state = torch.load(tmp_path / "full" / "checkpoint-2" / LOG_Z_STATE_NAME, weights_only=True)
+    assert state["head"] is None and state["settings"]["log_z_estimate"] == "group"
+    resumed = make_trainer(tiny_model_path, tmp_path / "resumed", arithmetic_dataset, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"policy parameter {name} differs")
+
+
+# -- checkpoints: written before push and rotation, checked on resume --------------------------------------------------
+
+
+def test_log_z_state_is_in_the_checkpoint_before_it_is_pushed(tiny_model_path, tmp_path, arithmetic_dataset):
+    trainer = make_trainer(
+        tiny_model_path,
+        tmp_path,
+        arithmetic_dataset,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=1,
+    )
+    seen = []
+    trainer.args.push_to_hub = True  # after construction: no hub repository is created
+    trainer._push_from_checkpoint = lambda folder: seen.append(sorted(p.name for p in Path(folder).iterdir()))
+    trainer.train()
+    assert len(seen) == 2 and all(LOG_Z_STATE_NAME in names for names in seen)
+    # rotation kept only the last checkpoint, and it is complete
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (tmp_path / "checkpoint-2" / LOG_Z_STATE_NAME).is_file()
+    assert not list(tmp_path.glob("checkpoint-*/*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("official-run")
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{a}="}]} for a in range(8)])
+    make_trainer(tiny_model_path, out, dataset, max_steps=1, save_strategy="steps", save_steps=1).train()
+    return out / "checkpoint-1"
+
+
+def copy_checkpoint(checkpoint, destination):
+    import shutil
+
+    return Path(shutil.copytree(checkpoint, destination))
+
+
+def test_resume_refuses_changed_target_settings(tiny_model_path, tmp_path, arithmetic_dataset, official_checkpoint):
+    assert saved_config_class(str(official_checkpoint)) == "FlowRLConfig"
+    for change, message in [
+        ({"beta": 10.0}, "beta: saved 15.0, now 10.0"),
+        ({"log_z_pooling": "last"}, "log_z_pooling: saved 'mean', now 'last'"),
+        ({"objective": "matching"}, "log_z_estimate: saved 'head', now 'group'"),
+    ]:
+        trainer = make_trainer(tiny_model_path, tmp_path / "run", arithmetic_dataset, max_steps=2, **change)
+        with pytest.raises(ValueError, match=message):
+            trainer.train(resume_from_checkpoint=str(official_checkpoint))
+
+
+def test_resume_with_another_head_learning_rate_keeps_the_saved_one_and_says_so(
+    tiny_model_path, tmp_path, arithmetic_dataset, official_checkpoint, caplog
+):
+    trainer = make_trainer(tiny_model_path, tmp_path, arithmetic_dataset, max_steps=2, log_z_learning_rate=0.5)
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=str(official_checkpoint))
+    assert "saved learning rate 0.001" in caplog.text
+    assert trainer.log_z_scheduler.base_lrs == [pytest.approx(1e-3)]  # the saved schedule, not 0.5
+
+
+def test_resume_from_a_corrupt_or_missing_state_fails_clearly(
+    tiny_model_path, tmp_path, arithmetic_dataset, official_checkpoint
+):
+    truncated = copy_checkpoint(official_checkpoint, tmp_path / "truncated" / "checkpoint-1")
+    data = (truncated / LOG_Z_STATE_NAME).read_bytes()
+    (truncated / LOG_Z_STATE_NAME).write_bytes(data[: len(data) // 2])
+    trainer = make_trainer(tiny_model_path, tmp_path / "a", arithmetic_dataset, max_steps=2)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        trainer.train(resume_from_checkpoint=str(truncated))
+
+    missing = copy_checkpoint(official_checkpoint, tmp_path / "missing" / "checkpoint-1")
+    (missing / LOG_Z_STATE_NAME).unlink()
+    trainer = make_trainer(tiny_model_path, tmp_path / "b", arithmetic_dataset, max_steps=2)
+    with pytest.raises(FileNotFoundError, match="written by FlowRLTrainer but has no"):
+        trainer.train(resume_from_checkpoint=str(missing))
+
+
+def test_resume_from_a_grpo_checkpoint_starts_a_fresh_head(tiny_model_path, tmp_path, arithmetic_dataset, caplog):
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+    )
+    GRPOTrainer(model=tiny_model_path, reward_funcs=count_digits, args=args, train_dataset=arithmetic_dataset).train()
+    checkpoint = tmp_path / "grpo" / "checkpoint-1"
+    assert saved_config_class(str(checkpoint)) == "GRPOConfig"
+    trainer = make_trainer(tiny_model_path, tmp_path / "flowrl", arithmetic_dataset, max_steps=2)
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 2
+    assert "freshly initialised log Z head" in caplog.text and "GRPOConfig" in caplog.text
+
+
+# -- drop-in details: MoE auxiliary loss, dropout -------------------------------------------------------------------
+
+
+def test_moe_router_loss_is_added_and_logged(tmp_path, arithmetic_dataset):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from trl_flowrl.tiny_models import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        router_aux_loss_coef=0.01,
+        output_router_logits=True,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    trainer = make_trainer(str(tmp_path / "moe"), tmp_path / "run", arithmetic_dataset, max_steps=1)
+    assert trainer.aux_loss_enabled
+    trainer.train()
+    (value,) = logged(trainer, "aux_loss")
+    assert value > 0
+
+
+def test_disable_dropout_reaches_the_log_z_head(tiny_model_path, tmp_path, arithmetic_dataset):
+    default = make_trainer(tiny_model_path, tmp_path / "a", arithmetic_dataset)
+    assert {m.p for m in default.log_z_head.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    disabled = make_trainer(tiny_model_path, tmp_path / "b", arithmetic_dataset, disable_dropout=True)
+    assert {m.p for m in disabled.log_z_head.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}

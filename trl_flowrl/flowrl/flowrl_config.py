@@ -1,6 +1,15 @@
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
+
+
+# What `objective` sets. "official" is the official code's loss; "matching" departs from it (see the docstring).
+OBJECTIVE_PRESETS = {
+    "official": {"residual_normalization": "token_mean", "reward_in_residual": "advantage", "log_z_estimate": "head"},
+    "matching": {"residual_normalization": "length", "reward_in_residual": "reward", "log_z_estimate": "group"},
+}
+PRESET_BETA = {"official": 15.0, "matching": 5.0}
 
 
 @dataclass
@@ -8,23 +17,72 @@ class FlowRLConfig(GRPOConfig):
     r"""
     Configuration class for [`FlowRLTrainer`].
 
-    FlowRL ([Zhu et al., 2025](https://huggingface.co/papers/2509.15207)) trains the policy to match the reward
+    FlowRL ([Zhu et al., 2025](https://huggingface.co/papers/2509.15207)) trains the policy toward the reward
     distribution `p*(y|x) ∝ π_ref(y|x) · exp(β · r(x, y))` instead of maximising the reward. Every parameter of
     [`~trl.GRPOConfig`] keeps its meaning (generation, batching, vLLM, logging, ...) except the ones below. The
     per-sequence loss is
 
-        δ_i = log Z(x) + mean_t log π_θ(y_t) − β · r_i − mean_t log π_ref(y_t)
+        δ_i = log Z(x) + g_i − β · r_i,   g_i = log π_θ(y_i) − log π_ref(y_i)   (token mean or sum, see below)
         loss = mean_i clip(w_i) · δ_i²,   w_i = Π_t π_θ(y_t) / π_old(y_t)  (detached)
 
-    FlowRL adds no KL term and no entropy term, so `entropy_coef`, `top_entropy_quantile`, `off_policy_mask_threshold`
-    and `loss_type` do not apply; setting the first three is refused.
+    Two objectives, chosen with `objective`:
+
+    - `"official"` (default): the official code's loss, unchanged, so the paper configs reproduce the paper: token-mean
+      log-probs, the group-normalised advantage as r, a learnable log Z head, β = 15. What it does, precisely: its
+      fixed point is `π_ref · exp(β · |y| · r)` (the token mean divides the log-ratio by the length |y| but not β · r),
+      so for completions longer than one token it is much sharper than p*, and with the advantage as r its gradient is
+      GRPO's (sequence-mean) plus a squared log-ratio pull toward π_ref of weight about 1/β. In practice it behaves
+      like GRPO with a weak KL term; it matches p* only for one-token completions.
+    - `"matching"` (**a departure from the paper**): an objective whose fixed point is p* whatever the completion
+      length, with bounded gradients: trajectory balance with summed log-probs, the whole residual divided by the
+      length (`residual_normalization="length"`), the raw reward (`reward_in_residual="reward"`), log Z estimated from
+      each group (`log_z_estimate="group"`, no head) and β = 5. Among completions of equal reward it keeps π_ref's
+      relative probabilities: rare but valid paths stay alive.
+
+    `objective` only sets the defaults of the four fields it names (`residual_normalization`, `reward_in_residual`,
+    `log_z_estimate`, `beta`); a value given explicitly always wins. After construction those fields hold the values
+    in use.
+
+    FlowRL adds no KL term and no entropy term, and its loss is per sequence, so `entropy_coef`,
+    `use_adaptive_entropy`, `top_entropy_quantile`, `off_policy_mask_threshold`, `loss_type`,
+    `importance_sampling_level="sequence"`, `delta` and `use_bias_correction_kl` have no place in it: setting them is
+    refused. Two GRPO options change FlowRL's target when r is the advantage: `scale_rewards` (how the advantage is
+    normalised: the official code divides by the group's standard deviation, TRL's default `"group"`) and
+    `multi_objective_aggregation` (with several reward functions, whether they are summed before or normalised
+    before summing). With the raw reward, the target uses the weighted sum of the reward functions (`reward_weights`).
 
     Parameters:
-        beta (`float`, *optional*, defaults to `15.0`):
+        objective (`str`, *optional*, defaults to `"official"`):
+            `"official"` (the official code's loss) or `"matching"` (fixed point p*; a departure from the paper).
+        beta (`float` or `None`, *optional*, defaults to `None`):
             Reward scale β of the target distribution `π_ref · exp(β · r)`. In FlowRL this is **not** a KL
-            coefficient: no KL term is added to the loss. It must be positive, which also makes TRL compute the
-            reference log-probs that enter the residual. The paper's ablation (Qwen2.5-7B, Avg@16) found 15 best:
-            β = 5 → 31.34, 10 → 34.41, 15 → 35.63, 30 → 35.09.
+            coefficient: no KL term is added. It must be positive and finite, which also makes TRL compute the
+            reference log-probs that enter the residual. `None` takes the objective's value. Official: 15 (the paper's
+            ablation, Qwen2.5-7B, Avg@16: β = 5 → 31.34, 10 → 34.41, 15 → 35.63, 30 → 35.09; with the advantage as r
+            it is a gradient scale more than a target). Matching: 5. With a 0/1 reward, β sets the target's odds of a
+            correct over a wrong completion to e^β times the reference's (β = 5: 148x, so a reference at 10%% accuracy
+            gives a target at 94%%, one at 40%% gives 99%%), while equally rewarded completions keep the reference's
+            proportions whatever β. Larger β sharpens the target toward the correct answers and slows the matching
+            among them (the reward dominates the residual); 5 is the value at which a tabular check reached the
+            target (total variation 0.03, accuracy 0.97; β = 15: 0.19).
+        residual_normalization (`str` or `None`, *optional*, defaults to `None`):
+            How the residual treats the completion length. `"token_mean"` (official): mean log-probs over tokens.
+            `"sum"`: summed log-probs, exact trajectory balance (fixed point p*; gradients grow with the length).
+            `"length"`: the summed residual divided by the completion length as a whole (same fixed point as `"sum"`,
+            per-token gradients bounded). `None` takes the objective's value.
+        reward_in_residual (`str` or `None`, *optional*, defaults to `None`):
+            What enters the residual as r_i. `"advantage"` (official): TRL's group-normalised advantage
+            `(reward − group mean) / (group std + eps)` (with `scale_rewards="group"`, the default). `"reward"`: the raw
+            reward (the weighted sum over reward functions), which the target p* is defined with. `None` takes the
+            objective's value.
+        log_z_estimate (`str` or `None`, *optional*, defaults to `None`):
+            Where log Z(x) comes from. `"head"` (official): a learnable MLP on the prompt's hidden states (the fields
+            `log_z_*` below). `"group"`: the group's own estimate, `mean_j (β · r_j − g_j)` over the completions of the
+            prompt (VarGrad, Richter et al., 2020), detached: no parameters, nothing to train or checkpoint. It needs
+            whole groups on each process (`per_device_train_batch_size * steps_per_generation` a multiple of
+            `num_generations`). When a loss micro-batch does not hold whole groups (`steps_per_generation > 1`), the
+            estimate is computed at generation time from TRL's `old_per_token_logps`, or, when TRL has none, from one
+            extra no-grad forward pass of the policy over the generation batch. `None` takes the objective's value.
         importance_weight_clipping (`str`, *optional*, defaults to `"clamp"`):
             How the detached sequence importance weight `w = Π_t π_θ/π_old` is clipped. `"clamp"`: `min(w,
             importance_weight_max)`, the maintained official code. `"symmetric"`: clip to `[1 - epsilon, 1 +
@@ -33,31 +91,61 @@ class FlowRLConfig(GRPOConfig):
             to 26.71.
         importance_weight_max (`float`, *optional*, defaults to `10.0`):
             Upper bound of `w` for `importance_weight_clipping="clamp"` (the official code's value).
-        reward_in_residual (`str`, *optional*, defaults to `"advantage"`):
-            What enters the residual as `r_i`. `"advantage"`: TRL's group-normalised advantage
-            `(reward − group mean) / (group std + eps)`, as the official code (with `scale_rewards="group"`, the
-            default). `"reward"`: the raw reward (the weighted sum over reward functions).
         log_z_num_layers (`int`, *optional*, defaults to `3`):
             Number of linear layers of the log Z head: `num_layers − 1` blocks of `Linear(h, h) → GELU → LayerNorm →
             Dropout`, then `Linear(h, 1)`, with `h` the policy's hidden size (the official head has 3, about `2h²`
             parameters: 25.7M at h = 3584). The head is a separate module with its own optimiser: it is never part of
-            the saved policy or of the vLLM weight sync, and it is saved with each checkpoint.
+            the saved policy or of the vLLM weight sync, and it is saved with each checkpoint. Unused with
+            `log_z_estimate="group"`.
         log_z_dropout (`float`, *optional*, defaults to `0.1`):
-            Dropout of the log Z head's hidden blocks (official value).
+            Dropout of the log Z head's hidden blocks (official value). `disable_dropout=True` sets it to 0 as well.
         log_z_pooling (`str`, *optional*, defaults to `"mean"`):
             How the prompt representation fed to the head is pooled from the policy's final hidden states, taken in the
             same training forward pass: `"mean"` over the prompt tokens (official) or `"last"` prompt token.
         log_z_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the log Z head's AdamW. `None` uses `learning_rate`, as the official code (1e-6 with
             weight decay 0.1). The head follows the same scheduler type, warm-up, weight decay and gradient clipping
-            norm as the policy.
+            norm as the policy. Refused with `log_z_estimate="group"` (there is no head).
     """
 
-    beta: float = field(
-        default=15.0,
+    objective: str = field(
+        default="official",
+        metadata={
+            "help": "'official' (the official code's loss) or 'matching' (fixed point p* for any completion length; a "
+            "departure from the paper). Sets the defaults of residual_normalization, reward_in_residual, "
+            "log_z_estimate and beta.",
+            "choices": list(OBJECTIVE_PRESETS),
+        },
+    )
+    beta: float | None = field(
+        default=None,
         metadata={
             "help": "Reward scale of the target distribution pi_ref * exp(beta * r). Not a KL coefficient: FlowRL adds "
-            "no KL term. Must be positive. Paper: 15."
+            "no KL term. Must be positive. None: the objective's value (official 15, matching 5)."
+        },
+    )
+    residual_normalization: str | None = field(
+        default=None,
+        metadata={
+            "help": "'token_mean' (official: mean log-probs), 'sum' (exact trajectory balance) or 'length' (summed "
+            "residual divided by the length). None: the objective's value.",
+            "choices": ["token_mean", "sum", "length"],
+        },
+    )
+    reward_in_residual: str | None = field(
+        default=None,
+        metadata={
+            "help": "What enters the residual as r: 'advantage' (group-normalised reward, official code) or 'reward' "
+            "(raw reward). None: the objective's value.",
+            "choices": ["advantage", "reward"],
+        },
+    )
+    log_z_estimate: str | None = field(
+        default=None,
+        metadata={
+            "help": "'head' (learnable log Z head, official) or 'group' (per-group estimate, no parameters). None: the "
+            "objective's value.",
+            "choices": ["head", "group"],
         },
     )
     importance_weight_clipping: str = field(
@@ -72,14 +160,6 @@ class FlowRLConfig(GRPOConfig):
         default=10.0,
         metadata={
             "help": "Upper bound of the importance weight with importance_weight_clipping='clamp'. Official: 10."
-        },
-    )
-    reward_in_residual: str = field(
-        default="advantage",
-        metadata={
-            "help": "What enters the residual as r: 'advantage' (group-normalised reward, official code) or 'reward' "
-            "(raw reward).",
-            "choices": ["advantage", "reward"],
         },
     )
     log_z_num_layers: int = field(
@@ -103,40 +183,92 @@ class FlowRLConfig(GRPOConfig):
         metadata={"help": "Learning rate of the log Z head. None: the policy's learning_rate (official)."},
     )
 
+    # GRPO options that FlowRL's loss has no place for: their FlowRL defaults are "unset", and setting them is refused.
+    loss_type: str | None = field(
+        default=None,
+        metadata={"help": "Not used by FlowRL (its loss is a mean over sequences); must stay None."},
+    )
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={"help": "Not used by FlowRL (it adds no KL term); must stay False."},
+    )
+
     def __post_init__(self):
-        super().__post_init__()
-        if self.beta <= 0:
+        if self.objective not in OBJECTIVE_PRESETS:
             raise ValueError(
-                f"FlowRLConfig.beta is the reward scale of the target distribution and must be positive, got "
-                f"{self.beta}. The paper uses beta=15. (In FlowRL, beta is not a KL coefficient: no KL term is added.)"
+                f"objective must be one of {list(OBJECTIVE_PRESETS)}, got {self.objective!r}: 'official' is the "
+                "official code's loss, 'matching' the objective whose fixed point is the target distribution."
             )
+        for name, value in OBJECTIVE_PRESETS[self.objective].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.beta is None:
+            self.beta = PRESET_BETA[self.objective]
+        super().__post_init__()
+        self._check_flowrl_fields()
+        self._refuse_grpo_loss_options()
+
+    def _check_flowrl_fields(self):
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(
+                f"FlowRLConfig.beta is the reward scale of the target distribution and must be positive and finite, "
+                f"got {self.beta}. The paper uses beta=15 (objective='matching' uses 5). (In FlowRL, beta is not a KL "
+                "coefficient: no KL term is added.)"
+            )
+        if self.residual_normalization not in ("token_mean", "sum", "length"):
+            raise ValueError(
+                f"residual_normalization must be 'token_mean', 'sum' or 'length', got {self.residual_normalization!r}."
+            )
+        if self.reward_in_residual not in ("advantage", "reward"):
+            raise ValueError(f"reward_in_residual must be 'advantage' or 'reward', got {self.reward_in_residual!r}.")
+        if self.log_z_estimate not in ("head", "group"):
+            raise ValueError(f"log_z_estimate must be 'head' or 'group', got {self.log_z_estimate!r}.")
         if self.importance_weight_clipping not in ("clamp", "symmetric", "none"):
             raise ValueError(
                 f"importance_weight_clipping must be 'clamp', 'symmetric' or 'none', got "
                 f"{self.importance_weight_clipping!r}."
             )
-        if self.importance_weight_clipping == "clamp" and self.importance_weight_max <= 0:
+        if self.importance_weight_clipping == "clamp" and not (
+            math.isfinite(self.importance_weight_max) and self.importance_weight_max > 0
+        ):
             raise ValueError(
-                f"importance_weight_max must be positive with importance_weight_clipping='clamp', got "
-                f"{self.importance_weight_max}. The official value is 10."
+                f"importance_weight_max must be positive and finite with importance_weight_clipping='clamp', got "
+                f"{self.importance_weight_max}. The official value is 10 (use importance_weight_clipping='none' for no "
+                "clipping)."
             )
         if self.importance_weight_clipping == "symmetric" and not 0 < self.epsilon < 1:
             raise ValueError(
                 f"importance_weight_clipping='symmetric' clips to [1 - epsilon, 1 + epsilon_high], so epsilon must be "
                 f"in (0, 1), got {self.epsilon}."
             )
-        if self.reward_in_residual not in ("advantage", "reward"):
-            raise ValueError(f"reward_in_residual must be 'advantage' or 'reward', got {self.reward_in_residual!r}.")
         if self.log_z_num_layers < 1:
             raise ValueError(f"log_z_num_layers must be at least 1 (the output layer), got {self.log_z_num_layers}.")
         if not 0 <= self.log_z_dropout < 1:
             raise ValueError(f"log_z_dropout must be in [0, 1), got {self.log_z_dropout}.")
         if self.log_z_pooling not in ("mean", "last"):
             raise ValueError(f"log_z_pooling must be 'mean' or 'last', got {self.log_z_pooling!r}.")
-        if self.log_z_learning_rate is not None and self.log_z_learning_rate <= 0:
-            raise ValueError(
-                f"log_z_learning_rate must be positive, or None to use learning_rate; got {self.log_z_learning_rate}."
-            )
+        if self.log_z_learning_rate is not None:
+            if self.log_z_estimate == "group":
+                raise ValueError(
+                    "log_z_learning_rate is the log Z head's learning rate, but log_z_estimate='group' has no head. "
+                    "Unset log_z_learning_rate, or set log_z_estimate='head'."
+                )
+            if not (math.isfinite(self.log_z_learning_rate) and self.log_z_learning_rate > 0):
+                raise ValueError(
+                    f"log_z_learning_rate must be positive and finite, or None to use learning_rate; got "
+                    f"{self.log_z_learning_rate}."
+                )
+        if self.log_z_estimate == "group":
+            local_generation_batch = self.per_device_train_batch_size * self.steps_per_generation
+            if local_generation_batch % self.num_generations != 0:
+                raise ValueError(
+                    f"log_z_estimate='group' estimates log Z from each prompt's group on its own process, so the "
+                    f"per-device generation batch (per_device_train_batch_size * steps_per_generation = "
+                    f"{local_generation_batch}) must be a multiple of num_generations ({self.num_generations}). "
+                    "Change the batch sizes, or use log_z_estimate='head'."
+                )
+
+    def _refuse_grpo_loss_options(self):
         # Options of GRPO's loss that FlowRL's objective has no place for. Refuse them rather than ignore them.
         if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
             raise ValueError(
@@ -151,4 +283,26 @@ class FlowRLConfig(GRPOConfig):
             raise ValueError(
                 "off_policy_mask_threshold is a GRPO loss option that FlowRL does not use; set it to None. FlowRL "
                 "bounds off-policy updates with importance_weight_clipping instead."
+            )
+        if self.loss_type is not None:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} selects GRPO's token aggregation; FlowRL's loss is a mean over "
+                "sequences of the squared residual and has no loss_type. Remove loss_type (leave it None); use "
+                "residual_normalization for how the residual treats the length."
+            )
+        if self.importance_sampling_level != "token":
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r} is a GRPO option; FlowRL always weighs "
+                "each sequence by its sequence-level importance weight (see importance_weight_clipping). Leave it at "
+                "'token'."
+            )
+        if self.delta is not None:
+            raise ValueError(
+                "delta (two-sided clipping of GRPO's ratio) is not used by FlowRL; set delta=None. FlowRL bounds its "
+                "sequence importance weight with importance_weight_clipping / importance_weight_max."
+            )
+        if self.use_bias_correction_kl:
+            raise ValueError(
+                "use_bias_correction_kl corrects GRPO's KL term; FlowRL adds no KL term (beta is its reward scale). "
+                "Set use_bias_correction_kl=False."
             )

@@ -1,26 +1,71 @@
 import inspect
 import logging
+import math
 import os
+import pickletools
 import textwrap
-from contextlib import contextmanager
+import zipfile
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
 from accelerate.utils import is_peft_model
 from transformers import get_scheduler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
 
 from .flowrl_config import FlowRLConfig
 from .log_z import LogZHead, pool_prompt
-from .objective import _MAX_LOG_WEIGHT, trajectory_balance_terms
+from .objective import _MAX_LOG_WEIGHT, _log_ratio_term, group_log_z, trajectory_balance_terms
 
 
 logger = logging.getLogger(__name__)
 
 # Written into each checkpoint folder, beside the policy's optimizer state.
 LOG_Z_STATE_NAME = "flowrl_log_z.pt"
+_STATE_FORMAT = 2
+# Settings a checkpoint must have been trained with to be resumed: they define the target or the head's architecture.
+_RESUME_SETTINGS = (
+    "beta",
+    "residual_normalization",
+    "reward_in_residual",
+    "log_z_estimate",
+    "log_z_num_layers",
+    "log_z_pooling",
+)
+# The keys of the generation output that the loss passes on to the policy's forward pass (multimodal inputs).
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+def saved_config_class(checkpoint: str) -> str | None:
+    """The class name of the training arguments a checkpoint was written with (`FlowRLConfig`, `GRPOConfig`, ...).
+
+    Read from the opcodes of the pickle in `training_args.bin`, without unpickling it; None when it cannot be read.
+    """
+    try:
+        with zipfile.ZipFile(os.path.join(checkpoint, TRAINING_ARGS_NAME)) as archive:
+            data = archive.read(next(name for name in archive.namelist() if name.endswith("data.pkl")))
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":  # the first global of the pickle is the class of the pickled object
+                return str(arg).split(" ")[-1]
+            if opcode.name == "STACK_GLOBAL":
+                return None
+    except (OSError, KeyError, StopIteration, ValueError, zipfile.BadZipFile):
+        return None
+    return None
 
 
 class FlowRLTrainer(GRPOTrainer):
@@ -33,15 +78,22 @@ class FlowRLTrainer(GRPOTrainer):
     (model path or instance, reward functions and models, PEFT config, callbacks, vLLM settings) with a
     [`FlowRLConfig`]; only the objective changes.
 
+    With the default `objective="official"` the loss is the official code's, which in practice behaves like GRPO with
+    a weak pull toward the reference on multi-token completions (see [`FlowRLConfig`]); `objective="matching"` (a
+    departure from the paper) is the objective whose fixed point is the target distribution.
+
     What differs from GRPOTrainer, and where:
     - `_compute_loss`: the trajectory-balance loss (`trajectory_balance_terms`) replaces GRPO's clipped surrogate. No KL
       term is added; `beta` is the reward scale, and being positive it makes TRL compute reference log-probs.
-    - The log Z head reads the policy's final hidden states over the prompt, captured by a forward hook during the
-      same training forward pass (no second pass). It is a module of its own with its own AdamW and scheduler, stepped
-      after each gradient accumulation window with its gradients averaged over processes, so it is identical on every
-      rank, absent from the saved policy and from the vLLM weight sync, and saved in every checkpoint.
+    - With `log_z_estimate="head"`, the log Z head reads the policy's final hidden states over the prompt, captured by
+      a forward hook during the same training forward pass (no second pass). It is a module of its own with its own
+      AdamW and scheduler, stepped after each gradient accumulation window with its gradients averaged over
+      processes, so it is identical on every rank, absent from the saved policy and from the vLLM weight sync, and
+      saved in every checkpoint (`flowrl_log_z.pt`, written with the optimizer state, before the checkpoint is pushed
+      or older ones rotated). With `log_z_estimate="group"` there is no head: log Z is each group's own estimate.
     - `_calculate_rewards` / `_generate_and_score_completions`: keep the raw rewards, for `reward_in_residual="reward"`
-      and to leave unscorable completions (every reward function returned None) out of the loss.
+      and to leave unscorable completions (every reward function returned None) out of the loss; number the groups
+      for the group estimate.
     """
 
     _tag_names = ["trl", "flowrl"]
@@ -86,27 +138,37 @@ class FlowRLTrainer(GRPOTrainer):
             )
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
 
-        hidden_size = self.model.config.get_text_config().hidden_size
-        # Seeded on its own so that every rank builds the same head without disturbing the global RNG streams.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            head = LogZHead(hidden_size, num_layers=args.log_z_num_layers, dropout=args.log_z_dropout)
-        self.log_z_head = head.to(self.accelerator.device)
-        self.log_z_optimizer = torch.optim.AdamW(
-            self.log_z_head.parameters(),
-            lr=args.log_z_learning_rate if args.log_z_learning_rate is not None else args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            weight_decay=args.weight_decay,
-        )
-        self.log_z_scheduler = None  # built with the policy's scheduler, once the number of steps is known
+        self.log_z_head = self.log_z_optimizer = self.log_z_scheduler = None
+        if args.log_z_estimate == "head":
+            hidden_size = self.model.config.get_text_config().hidden_size
+            dropout = 0.0 if args.disable_dropout else args.log_z_dropout
+            # Seeded on its own so that every rank builds the same head without disturbing the global RNG streams.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                head = LogZHead(hidden_size, num_layers=args.log_z_num_layers, dropout=dropout)
+            self.log_z_head = head.to(self.accelerator.device)
+            self.log_z_optimizer = torch.optim.AdamW(
+                self.log_z_head.parameters(),
+                lr=self._log_z_learning_rate,
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
+                weight_decay=args.weight_decay,
+            )
+            # log_z_scheduler is built with the policy's scheduler, once the number of steps is known
         self._last_rewards_per_func = None
+
+    @property
+    def _log_z_learning_rate(self) -> float:
+        lr = self.args.log_z_learning_rate
+        return lr if lr is not None else self.args.learning_rate
 
     # ----------------------------------------------------------------------------------------------------------------
     # The head's optimisation: its own optimizer, stepped at the end of every gradient accumulation window.
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.log_z_head is None:
+            return scheduler
         self.log_z_scheduler = get_scheduler(
             self.args.lr_scheduler_type,
             optimizer=self.log_z_optimizer,
@@ -118,7 +180,7 @@ class FlowRLTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:
+        if self.log_z_head is not None and self.accelerator.sync_gradients:
             self._log_z_optimizer_step()
         return loss
 
@@ -164,7 +226,41 @@ class FlowRLTrainer(GRPOTrainer):
         # A completion that no reward function could score carries no signal: NaN keeps it out of the loss.
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
         output["rewards"] = rewards
+        if self.args.log_z_estimate == "group":
+            # TRL's output holds whole groups of num_generations consecutive rows on each process (checked by the config).
+            group = torch.arange(local, device=rewards.device) // self.num_generations
+            output["flowrl_group"] = group
+            if self.model.training and self.args.steps_per_generation > 1:
+                # The loss will see parts of groups: estimate log Z now, from the sampling policy's log-probs.
+                output["flowrl_log_z"] = self._group_log_z_at_generation(output, group)
         return output
+
+    @torch.no_grad()
+    def _group_log_z_at_generation(self, output, group):
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        logps = output.get("old_per_token_logps")
+        if logps is None:  # TRL did not need them: one no-grad pass of the policy, as TRL's own would be
+            prompt_completion_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            forward_kwargs = {key: output[key] for key in _FORWARD_KEYS if output.get(key) is not None}
+            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                logps, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    prompt_completion_ids,
+                    attention_mask,
+                    output["completion_ids"].size(1),
+                    batch_size=self.args.per_device_train_batch_size,
+                    **forward_kwargs,
+                )
+        terms = self._reward_term(output)
+        included = (mask.sum(-1) > 0) & ~torch.isnan(output["rewards"])
+        gap = _log_ratio_term(logps, output["ref_per_token_logps"], mask.float(), self.args.residual_normalization)
+        return group_log_z(gap, torch.nan_to_num(terms), self.args.beta, group, included)
+
+    def _reward_term(self, inputs):
+        return inputs["advantages"] if self.args.reward_in_residual == "advantage" else inputs["rewards"]
 
     # ----------------------------------------------------------------------------------------------------------------
     # The loss.
@@ -216,7 +312,9 @@ class FlowRLTrainer(GRPOTrainer):
         logits_to_keep = completion_ids.size(1)  # only the completion tokens are scored
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
 
-        with self._capture_prompt_representation(model, prompt_mask) as pooled:
+        use_head = self.log_z_head is not None
+        capture = self._capture_prompt_representation(model, prompt_mask) if use_head else nullcontext([])
+        with capture as pooled:
             per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
                 model,
                 input_ids,
@@ -224,53 +322,51 @@ class FlowRLTrainer(GRPOTrainer):
                 logits_to_keep,
                 compute_entropy=True,
                 compute_aux_loss=self.aux_loss_enabled,
-                pixel_values=inputs.get("pixel_values"),
-                image_grid_thw=inputs.get("image_grid_thw"),
-                num_images=inputs.get("num_images"),
-                pixel_attention_mask=inputs.get("pixel_attention_mask"),
-                spatial_shapes=inputs.get("spatial_shapes"),
-                num_tiles=inputs.get("num_tiles"),
-                image_sizes=inputs.get("image_sizes"),
-                token_type_ids=inputs.get("token_type_ids"),
-                mm_token_type_ids=inputs.get("mm_token_type_ids"),
-                image_position_ids=inputs.get("image_position_ids"),
+                **{key: inputs.get(key) for key in _FORWARD_KEYS},
             )
         mode = "train" if self.model.training else "eval"
-        self.log_z_head.train(mode == "train")
-        log_z = self.log_z_head(torch.cat(pooled))
+        if use_head:
+            self.log_z_head.train(mode == "train")
+            log_z = self.log_z_head(torch.cat(pooled))
+        else:
+            # The group estimate: precomputed at generation when this micro-batch holds parts of groups, else from
+            # this very forward pass (every group is whole here).
+            log_z = inputs.get("flowrl_log_z")
 
         rewards = inputs["rewards"]
-        reward_term = inputs["advantages"] if self.args.reward_in_residual == "advantage" else rewards
         terms = trajectory_balance_terms(
             log_z=log_z,
             per_token_logps=per_token_logps,
             ref_per_token_logps=inputs["ref_per_token_logps"],
             # Absent when the batch is used once, right after it was sampled: then π_old = π_θ and w = 1.
             old_per_token_logps=inputs.get("old_per_token_logps"),
-            advantages=reward_term,
+            advantages=self._reward_term(inputs),
             completion_mask=mask,
             beta=self.args.beta,
+            normalization=self.args.residual_normalization,
             clipping=self.args.importance_weight_clipping,
             weight_max=self.args.importance_weight_max,
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
             sampling_ratio=self._sequence_sampling_ratio(inputs, mask),
             sequence_mask=~torch.isnan(rewards),
+            group_index=inputs.get("flowrl_group"),
         )
         # TRL leaves the gradient accumulation scaling to the trainer's loss (`loss_is_scaled_for_ga`).
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         loss = terms.loss / normalizer
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_flowrl_metrics(mode, terms, log_z, entropies, mask)
+        self._log_flowrl_metrics(mode, terms, entropies, mask)
         return loss
 
-    def _log_flowrl_metrics(self, mode, terms, log_z, entropies, mask):
+    def _log_flowrl_metrics(self, mode, terms, entropies, mask):
         per_sequence = torch.stack(
             [
                 terms.included.float(),
-                log_z.detach().float(),
+                terms.log_z,
                 terms.residual,
                 terms.log_importance_weight,
                 terms.is_clipped.float(),
@@ -297,20 +393,26 @@ class FlowRLTrainer(GRPOTrainer):
         metrics["flowrl/logp_gap/mean"].append(logp_gap.mean().item())
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Checkpoints: the head, its optimizer and scheduler live beside the policy's optimizer state.
+    # Checkpoints: FlowRL's state (the head, its optimizer and scheduler, and the settings that define the target) is
+    # written with the policy's optimizer state, i.e. inside the checkpoint before it is pushed or older ones rotated.
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _flowrl_state_dict(self) -> dict:
+        head = self.log_z_head
+        return {
+            "format": _STATE_FORMAT,
+            "settings": {name: getattr(self.args, name) for name in _RESUME_SETTINGS},
+            "log_z_learning_rate": self._log_z_learning_rate if head is not None else None,
+            "head": head.state_dict() if head is not None else None,
+            "optimizer": self.log_z_optimizer.state_dict() if head is not None else None,
+            "scheduler": self.log_z_scheduler.state_dict() if self.log_z_scheduler is not None else None,
+        }
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            checkpoint_dir = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            state = {
-                "head": self.log_z_head.state_dict(),
-                "optimizer": self.log_z_optimizer.state_dict(),
-                "scheduler": self.log_z_scheduler.state_dict() if self.log_z_scheduler is not None else None,
-            }
-            torch.save(state, os.path.join(checkpoint_dir, LOG_Z_STATE_NAME))
+            path = os.path.join(output_dir, LOG_Z_STATE_NAME)
+            torch.save(self._flowrl_state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)  # a kill mid-write never leaves a truncated file under the real name
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -318,13 +420,60 @@ class FlowRLTrainer(GRPOTrainer):
             return
         path = os.path.join(checkpoint, LOG_Z_STATE_NAME)
         if not os.path.isfile(path):
-            logger.warning(
-                f"{path} not found: resuming with a freshly initialised log Z head. This is expected only when "
-                "resuming from a checkpoint that FlowRLTrainer did not write (a GRPO checkpoint, say)."
-            )
+            written_by = saved_config_class(checkpoint)
+            if written_by == type(self.args).__name__:
+                raise FileNotFoundError(
+                    f"{checkpoint} was written by FlowRLTrainer but has no {LOG_Z_STATE_NAME} (the log Z head and the "
+                    "settings of the run): the save was interrupted or the file was removed. Resume from an earlier, "
+                    "complete checkpoint."
+                )
+            if self.log_z_head is not None:
+                logger.warning(
+                    f"{path} not found: resuming with a freshly initialised log Z head. This is expected when resuming "
+                    f"from a checkpoint that FlowRLTrainer did not write (this one was written with "
+                    f"{written_by or 'unknown arguments'})."
+                )
             return
-        state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            if not isinstance(state, dict) or "head" not in state:
+                raise ValueError("not a FlowRL state dict")
+        except Exception as error:
+            raise ValueError(
+                f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error}). Resume from an "
+                "earlier checkpoint."
+            ) from error
+        self._check_resume_settings(path, state)
+        if self.log_z_head is None:
+            return
         self.log_z_head.load_state_dict(state["head"])
         self.log_z_optimizer.load_state_dict(state["optimizer"])
         if state["scheduler"] is not None and self.log_z_scheduler is not None:
             self.log_z_scheduler.load_state_dict(state["scheduler"])
+
+    def _check_resume_settings(self, path: str, state: dict) -> None:
+        """A checkpoint resumes only the run it was written by: another target or head architecture is an error."""
+        # Checkpoints written before the settings were saved (format 1) were all official-objective, head runs.
+        saved = state.get("settings") or {"residual_normalization": "token_mean", "log_z_estimate": "head"}
+        changed = [
+            f"{name}: saved {saved[name]!r}, now {getattr(self.args, name)!r}"
+            for name in _RESUME_SETTINGS
+            if name in saved and saved[name] != getattr(self.args, name)
+        ]
+        if changed:
+            raise ValueError(
+                f"Cannot resume from {path}: these FlowRL settings differ from the run that wrote it ({'; '.join(changed)}). "
+                "They define the target distribution or the log Z head, so resume with the saved values, or start a "
+                "new run."
+            )
+        saved_lr = state.get("log_z_learning_rate")
+        if (
+            self.log_z_head is not None
+            and saved_lr is not None
+            and not math.isclose(saved_lr, self._log_z_learning_rate)
+        ):
+            logger.warning(
+                f"Resuming the log Z head with its saved learning rate {saved_lr} (its optimizer and scheduler states "
+                f"are restored, as the Trainer does for the policy); the configured {self._log_z_learning_rate} is not "
+                "used."
+            )
