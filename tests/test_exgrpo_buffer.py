@@ -229,3 +229,80 @@ def test_loading_a_state_with_another_group_size_fails():
     state = ReplayBuffer(4).state_dict()
     with pytest.raises(ValueError, match="num_generations=4"):
         ReplayBuffer(8).load_state_dict(state)
+
+
+def test_insertion_record_is_bounded():
+    # Without a global cap nothing needs the insertion order: it is not kept at all.
+    buffer = started(4)
+    for i in range(200):
+        buffer.record_group(f"q{i}", 2)
+        add(buffer, f"q{i}", [i + 1])
+        if i % 2:
+            buffer.record_group(f"q{i}", 4)  # retired: its trajectory goes
+    assert len(buffer._order) == 0 and buffer.num_trajectories == 100
+    # With a cap, retired and evicted entries are compacted away: the record stays within twice the live ones (+64).
+    buffer = started(4, max_buffer_trajectories=1000)
+    for i in range(2000):
+        buffer.record_group(f"q{i}", 2)
+        add(buffer, f"q{i}", [i + 1])
+        buffer.record_group(f"q{i}", 4)
+        assert len(buffer._order) <= 2 * buffer.num_trajectories + 64 + 1
+    assert buffer.num_trajectories == 0
+
+
+def test_uniform_question_selection_ignores_buckets():
+    buffer = started(8, question_selection="uniform")
+    for i, k in enumerate([1, 4, 4, 4, 7]):
+        buffer.record_group(f"q{i}", k)
+        add(buffer, f"q{i}", [i + 1])
+    draws = Counter()
+    rng = random.Random(0)
+    for _ in range(5000):
+        draws.update(buffer.sample_questions(1, rng))
+    # uniform over the 5 questions; the Gaussian draw would give q0 and q4 (buckets 1 and 7) almost nothing
+    assert all(abs(draws[f"q{i}"] / 5000 - 0.2) < 0.03 for i in range(5))
+    assert sorted(buffer.sample_questions(5, rng)) == [f"q{i}" for i in range(5)]
+    assert buffer.bucket_probabilities() == pytest.approx({1: 0.2, 4: 0.6, 7: 0.2})
+    buffer.question_selection = "gaussian"  # the same buffer: q0 and q4 (buckets 1 and 7) almost never drawn
+    gaussian = Counter()
+    for _ in range(2000):
+        gaussian.update(buffer.sample_questions(1, rng))
+    assert gaussian["q0"] + gaussian["q4"] < 0.05 * 2000
+    with pytest.raises(ValueError, match="question_selection must be"):
+        ReplayBuffer(8, question_selection="hardest")
+
+
+@pytest.mark.parametrize(
+    "selection, expected",
+    [
+        # weights for buckets 1, 4, 6 of K = 8, renormalised
+        ("linear", [1 / 11, 4 / 11, 6 / 11]),
+        ("sqrt", [math.sqrt(k / 8) / sum(math.sqrt(j / 8) for j in (1, 4, 6)) for k in (1, 4, 6)]),
+        ("linear_clip", [0.125 / 1.125, 0.5 / 1.125, 0.5 / 1.125]),  # k/K up to K/2, then 0.5
+    ],
+)
+def test_official_bucket_weighting_variants(selection, expected):
+    buffer = started(8, question_selection=selection)
+    for k in (1, 4, 6):
+        buffer.record_group(f"q{k}", k)
+        add(buffer, f"q{k}", [k])
+    assert list(buffer.bucket_probabilities().values()) == pytest.approx(expected)
+
+
+def test_bucket_sizes_rows_and_dropping_long_trajectories():
+    buffer = started(4)
+    buffer.record_group("a", 1, row='{"prompt": "a"}')
+    buffer.record_group("a", 3, row='{"prompt": "other"}')  # the first row is kept
+    buffer.record_group("b", 3)
+    add(buffer, "a", [1, 2, 3])
+    add(buffer, "a", [4])
+    add(buffer, "b", [5, 6])
+    assert buffer.bucket_sizes() == {1: 0, 2: 0, 3: 2}
+    assert buffer.row("a") == {"prompt": "a"} and buffer.row("b") is None
+    assert buffer.needs_row("b") and not buffer.needs_row("a")
+    state = buffer.state_dict()
+    restored = ReplayBuffer(4)
+    restored.load_state_dict(state)
+    assert restored.row("a") == {"prompt": "a"}
+    assert buffer.drop_longer_than(2) == 1
+    assert [t.token_ids.tolist() for t in buffer.trajectories("a")] == [[4]] and buffer.num_trajectories == 2

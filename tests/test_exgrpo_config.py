@@ -56,6 +56,13 @@ def test_supported_loss_types(loss_type):
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level='token'"),
         ({"delta": 4.0}, "two-sided clipping"),
+        ({"success_threshold": float("nan")}, "success_threshold must be a finite number >= 0"),
+        ({"success_threshold": -1.0}, "success_threshold must be a finite number >= 0"),
+        ({"success_threshold": float("inf")}, "success_threshold must be a finite number >= 0"),
+        ({"replay_ratio": float("nan")}, "replay_ratio must be in"),
+        ({"replay_weight_shaping": float("inf")}, "replay_weight_shaping must be > 0"),
+        ({"question_selection": "hardest"}, "question_selection must be one of"),
+        ({"displaced_questions": "keep"}, "displaced_questions must be one of"),
     ],
 )
 def test_invalid_settings_fail_with_a_message(kwargs, message):

@@ -107,3 +107,70 @@ def test_two_processes_hold_identical_buffers(tiny_model_path, tmp_path):
     assert [n for n, _ in batches0] == [n for n, _ in batches1]
     for (n, c0), (_, c1) in zip(batches0, batches1):
         assert n * 4 >= max(c0, c1)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+    from datasets import Dataset
+
+    import trl_flowrl.exgrpo.exgrpo_trainer as exgrpo_trainer
+    from trl_flowrl.exgrpo import ExGRPOConfig, ExGRPOTrainer
+
+    model_path, output_dir = sys.argv[1], sys.argv[2]
+
+
+    def parity_reward(completion_ids, **kwargs):
+        return [float(sum(ids) % 2 == 0) for ids in completion_ids]
+
+
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)]
+    )
+
+
+    def config(max_steps):
+        return ExGRPOConfig(
+            output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4,
+            gradient_accumulation_steps=2, num_generations=4, max_completion_length=8, max_steps=max_steps,
+            learning_rate=1e-2, logging_steps=1, save_strategy="steps", save_steps=3, seed=0, disable_tqdm=True,
+            delayed_start_threshold=0.0,
+        )
+
+
+    first = ExGRPOTrainer(model_path, parity_reward, args=config(3), train_dataset=dataset)
+    first.train()
+    saved = first.replay_buffer.state_dict()
+
+    # Only the main process may read the replay state (the others behave as if it lived on another machine's disk).
+    rank = first.accelerator.process_index
+    original_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if rank != 0 and str(path).endswith(exgrpo_trainer.REPLAY_STATE_NAME):
+            raise FileNotFoundError(path)
+        return original_load(path, *args, **kwargs)
+
+    torch.load = load
+    resumed = ExGRPOTrainer(model_path, parity_reward, args=config(3), train_dataset=dataset)
+    resumed.create_optimizer_and_scheduler(num_training_steps=3)
+    resumed._load_optimizer_and_scheduler(f"{output_dir}/checkpoint-3")
+    torch.load = original_load
+    torch.save({"saved": saved, "resumed": resumed.replay_buffer.state_dict()}, f"{output_dir}/resume{rank}.pt")
+    resumed.accelerator.end_training()
+    """
+)
+
+
+def test_resume_reads_the_replay_state_once_and_broadcasts_it(tiny_model_path, tmp_path):
+    script = tmp_path / "resume_ddp.py"
+    script.write_text(RESUME_SCRIPT)
+    run_distributed(script, tiny_model_path, str(tmp_path))
+    states = [torch.load(tmp_path / f"resume{rank}.pt", weights_only=False) for rank in range(2)]
+    assert states[0]["saved"]["trajectory_length"].numel() > 0
+    for state in states:
+        for key, value in state["saved"].items():
+            restored = state["resumed"][key]
+            assert torch.equal(value, restored) if isinstance(value, torch.Tensor) else value == restored, key

@@ -63,6 +63,11 @@ def test_replayed_tokens_use_the_shaped_weight_without_clipping(w, advantage, ex
     assert got == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("w", [0.3, 1.0, 5.0])
+def test_without_policy_shaping_replayed_tokens_use_the_plain_ratio(w):
+    assert loss_of(LOG(w), replayed=True, shaping=None, advantage=2.0) == pytest.approx(-2.0 * w)
+
+
 def test_shaping_constant():
     # s = 0.5, w = 1.5 -> f = 1.5 / 2.0 = 0.75
     assert loss_of(LOG(1.5), replayed=True, shaping=0.5) == pytest.approx(-0.75)

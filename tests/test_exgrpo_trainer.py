@@ -267,8 +267,7 @@ def test_question_ids_hash_the_prompt_by_default(tiny_model_path, tmp_path):
         ({"tools": [len]}, "does not support `tools`"),
         ({"rollout_func": lambda prompts, trainer: {}}, "does not support `rollout_func`"),
         ({"environment_factory": object}, "does not support `environment_factory`"),
-        ({"train_dataset": questions().to_iterable_dataset()}, "map-style"),
-        ({"train_dataset": None}, "map-style"),
+        ({"train_dataset": None}, "needs a train_dataset"),
     ],
 )
 def test_unsupported_setups_fail_at_construction(tiny_model_path, tmp_path, kwargs, message):
@@ -296,7 +295,7 @@ def test_missing_question_id_column_and_wrong_config_type_fail(tiny_model_path, 
         )
 
 
-def test_checkpoint_without_replay_state_warns_and_keeps_an_empty_buffer(tiny_model_path, tmp_path):
+def test_non_checkpoint_folder_warns_and_keeps_an_empty_buffer(tiny_model_path, tmp_path):
     trainer = ExGRPOTrainer(tiny_model_path, parity_reward, args=make_config(tmp_path), train_dataset=questions())
     os.makedirs(tmp_path / "ckpt")
     trainer._load_optimizer_and_scheduler(None)
@@ -421,3 +420,235 @@ def test_random_selection_caps_and_dapo_aggregation(tiny_model_path, tmp_path):
     per_token = torch.where(inputs["replay_mask"].unsqueeze(1), -shaped * advantages, -advantages)
     normaliser = inputs["num_items_in_batch"] * trainer.current_gradient_accumulation_steps / 2  # steps_per_generation
     torch.testing.assert_close(loss, (per_token * inputs["completion_mask"]).sum() / normaliser)
+
+
+# -- any dataset TRL accepts: replays come from the rows stored in the buffer ---------------------------------------
+
+
+def test_iterable_dataset_trains_and_replays_from_stored_rows(tiny_model_path, tmp_path):
+    dataset = questions().to_iterable_dataset()
+    args = make_config(tmp_path, delayed_start_threshold=0.0, question_id_column="qid")
+    trainer = RecordingTrainer(tiny_model_path, parity_reward, args=args, train_dataset=dataset)
+    assert trainer._dataset_question_ids is None  # an iterable dataset is never indexed
+    trainer.train()
+    replayed = [r for r in trainer.records if r["output"]["replay_mask"].any()]
+    assert replayed, "replay never happened"
+    for record in replayed:
+        output = record["output"]
+        for row in output["replay_mask"].nonzero().flatten().tolist():
+            # the replayed group's prompt is the stored row's prompt: question "qAB" asks "A+B="
+            question_id = output["question_ids"][row]
+            prompt = trainer.processing_class.decode(output["prompt_ids"][row][output["prompt_mask"][row].bool()])
+            assert f"{question_id[1]}+{question_id[2]}=" in prompt
+
+
+# -- displaced fresh questions: dropped (paper) or requeued (departure) --------------------------------------------
+
+
+class PlanRecorder(ExGRPOTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampled, self.fresh, self.replayed = [], [], []
+
+    def _plan_generation(self, inputs):
+        K = self.num_generations
+        self.sampled += [self._row_question_id(inputs[g]) for g in range(0, len(inputs), K)]
+        inputs, plan = super()._plan_generation(inputs)
+        replayed = set(plan.replayed_slots)
+        self.fresh += [q for slot, q in enumerate(plan.group_question_ids) if slot not in replayed]
+        self.replayed += [q for slot, q in enumerate(plan.group_question_ids) if slot in replayed]
+        return inputs, plan
+
+
+@pytest.mark.parametrize("displaced", ["drop", "requeue"])
+def test_displaced_questions_are_dropped_or_requeued(tiny_model_path, tmp_path, displaced):
+    args = make_config(
+        tmp_path,
+        max_steps=6,
+        delayed_start_threshold=0.0,
+        question_id_column="qid",
+        retire_solved_questions=False,
+        displaced_questions=displaced,
+    )
+    trainer = PlanRecorder(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    trainer.train()
+    assert trainer.replayed, "replay never happened"
+    if displaced == "requeue":
+        # the fresh stream is the sampler's stream, delayed by the replays: nothing is skipped
+        assert trainer.fresh == trainer.sampled[: len(trainer.fresh)]
+        assert len(trainer._requeued) == len(trainer.sampled) - len(trainer.fresh)
+    else:
+        # each replay displaced one sampled question, which is never trained in that step
+        assert len(trainer.fresh) == len(trainer.sampled) - len(trainer.replayed)
+        assert trainer.fresh != trainer.sampled[: len(trainer.fresh)]
+        assert not trainer._requeued
+
+
+# -- what replay does, in the logs -------------------------------------------------------------------------------
+
+
+def test_replay_metrics_and_completion_column(tiny_model_path, tmp_path):
+    args = make_config(tmp_path, delayed_start_threshold=0.0, question_id_column="qid", log_completions=True)
+    trainer = RecordingTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    trainer.train()
+    history = trainer.state.log_history
+    last = [entry for entry in history if "replay/distinct_replayed_questions" in entry][-1]
+    for k in range(1, 4):
+        assert f"replay/bucket_{k}_questions" in last
+    assert last["replay/distinct_replayed_questions"] == len(trainer._replay_counts) > 0
+    assert last["replay/max_replays_per_question"] == max(trainer._replay_counts.values())
+    assert any("replay/replayed_reward_mean" in entry for entry in history)
+    shares = [entry["replay/loss_share"] for entry in history if "replay/loss_share" in entry]
+    assert shares and all(0.0 <= s <= 1.0 for s in shares) and max(shares) > 0
+    replayed_column = trainer._logs["extra"]["replayed"]
+    assert len(replayed_column) == len(trainer._logs["prompt"]) and any(replayed_column)
+    # the column marks exactly the replayed rows of the last generation batch
+    last_mask = trainer.records[-1]["output"]["replay_mask"].tolist()
+    assert list(replayed_column)[-len(last_mask) :] == last_mask
+
+
+def test_entropy_bonus_logs_policy_loss_and_coefficient(tiny_model_path, tmp_path):
+    args = make_config(tmp_path, max_steps=2, entropy_coef=0.01)
+    trainer = ExGRPOTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "policy_loss" in entry]
+    assert len(logged) == 2 and all(entry["entropy_coef"] == pytest.approx(0.01) for entry in logged)
+
+
+def test_infinite_rewards_are_unscorable_and_not_trained_on(tiny_model_path, tmp_path):
+    def sometimes_infinite(completion_ids, **kwargs):
+        return [float("inf") if i % 4 == 0 else float(sum(ids) % 2 == 0) for i, ids in enumerate(completion_ids)]
+
+    args = make_config(tmp_path, max_steps=3, delayed_start_threshold=0.0, scale_rewards="none")
+    trainer = RecordingTrainer(tiny_model_path, sometimes_infinite, args=args, train_dataset=questions())
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+    output = trainer.records[0]["output"]
+    assert output["scorable"].tolist() == [i % 4 != 0 for i in range(16)]
+    assert [e["rewards/non_finite"] for e in trainer.state.log_history if "rewards/non_finite" in e][0] == 0.25
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def test_replay_state_is_in_the_checkpoint_before_it_is_pushed(tiny_model_path, tmp_path):
+    args = make_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1)
+    trainer = ExGRPOTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    seen = []
+    trainer.args.push_to_hub = True  # after construction: no hub repository is created
+    trainer._push_from_checkpoint = lambda folder: seen.append(sorted(os.listdir(folder)))
+    trainer.train()
+    assert len(seen) == 2 and all(REPLAY_STATE_NAME in names for names in seen)
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert not [name for name in os.listdir(tmp_path / "checkpoint-2") if name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def exgrpo_checkpoint(tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exgrpo-run")
+    args = make_config(
+        out, max_steps=3, save_strategy="steps", save_steps=3, delayed_start_threshold=0.0, question_id_column="qid"
+    )
+    trainer = ExGRPOTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    trainer.train()
+    assert trainer.replay_buffer.num_trajectories > 0
+    return out / "checkpoint-3"
+
+
+def resume(model_path, output_dir, checkpoint, dataset=None, **kwargs):
+    kwargs = {"max_steps": 4, "delayed_start_threshold": 0.0, "question_id_column": "qid", **kwargs}
+    trainer = ExGRPOTrainer(
+        model_path, parity_reward, args=make_config(output_dir, **kwargs), train_dataset=dataset or questions()
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer
+
+
+def test_resume_refuses_missing_corrupt_or_foreign_replay_state(tiny_model_path, tmp_path, exgrpo_checkpoint):
+    import shutil
+
+    missing = shutil.copytree(exgrpo_checkpoint, tmp_path / "missing" / "checkpoint-3")
+    os.remove(os.path.join(missing, REPLAY_STATE_NAME))
+    with pytest.raises(FileNotFoundError, match="written by ExGRPOTrainer but has no"):
+        resume(tiny_model_path, tmp_path / "a", missing)
+
+    corrupt = shutil.copytree(exgrpo_checkpoint, tmp_path / "corrupt" / "checkpoint-3")
+    path = os.path.join(corrupt, REPLAY_STATE_NAME)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        resume(tiny_model_path, tmp_path / "b", corrupt)
+
+    with pytest.raises(ValueError, match="question_id_column='qid'"):
+        resume(tiny_model_path, tmp_path / "c", exgrpo_checkpoint, question_id_column=None)
+
+    other = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"{a}*{a}="}], "qid": f"x{a}"} for a in range(16)]
+    )
+    with pytest.raises(ValueError, match="not in this train dataset"):
+        resume(tiny_model_path, tmp_path / "d", exgrpo_checkpoint, dataset=other)
+
+
+def test_resume_with_a_shorter_completion_limit_drops_longer_trajectories(
+    tiny_model_path, tmp_path, exgrpo_checkpoint, caplog
+):
+    saved = torch.load(exgrpo_checkpoint / REPLAY_STATE_NAME, weights_only=True)["buffer"]["trajectory_length"]
+    limit = int(saved.min())
+    assert saved.max() > limit, "the fixture should hold trajectories of several lengths"
+    with caplog.at_level("WARNING"):
+        trainer = resume(tiny_model_path, tmp_path, exgrpo_checkpoint, max_completion_length=limit)
+    assert f"Dropped {int((saved > limit).sum())} stored trajectories" in caplog.text
+    assert all(
+        t.token_ids.numel() <= limit
+        for q in trainer.replay_buffer.eligible_questions()
+        for t in trainer.replay_buffer.trajectories(q)
+    )
+
+
+def test_resume_from_a_grpo_checkpoint_starts_with_an_empty_buffer(tiny_model_path, tmp_path, caplog):
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+    )
+    GRPOTrainer(model=tiny_model_path, reward_funcs=parity_reward, args=args, train_dataset=questions()).train()
+    with caplog.at_level("WARNING"):
+        trainer = resume(tiny_model_path, tmp_path / "exgrpo", tmp_path / "grpo" / "checkpoint-1", max_steps=2)
+    assert "empty replay buffer" in caplog.text and trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize(
+    "switches, expected",
+    [
+        # against the policy that started the step, w = 1 on the first micro-batch: f(1) = 1 / 1.1, or 1 unshaped
+        ({"replay_importance_correction": False}, 1 / 1.1),
+        ({"replay_importance_correction": False, "replay_policy_shaping": False}, 1.0),
+    ],
+)
+def test_ablations_without_importance_correction_or_shaping(tiny_model_path, tmp_path, switches, expected):
+    args = make_config(tmp_path, delayed_start_threshold=0.0, gradient_accumulation_steps=1, **switches)
+    trainer = ExGRPOTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    trainer.train()
+    weights = [e["replay/shaped_weight_mean"] for e in trainer.state.log_history if "replay/shaped_weight_mean" in e]
+    assert weights and all(w == pytest.approx(expected, abs=1e-6) for w in weights)
+
+
+def test_policy_shaping_off_uses_the_plain_ratio_against_the_stored_policy(tiny_model_path, tmp_path):
+    args = make_config(tmp_path, delayed_start_threshold=0.0, replay_policy_shaping=False)
+    trainer = RecordingTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    trainer.train()
+    weights = [e["replay/shaped_weight_mean"] for e in trainer.state.log_history if "replay/shaped_weight_mean" in e]
+    # w = pi / pi_stored is no longer squashed below 1 / (1 + s): trajectories stored several steps ago drift from 1
+    assert weights and any(abs(w - 1.0) > 1e-3 for w in weights) and all(w > 0 for w in weights)

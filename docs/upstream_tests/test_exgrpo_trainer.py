@@ -54,16 +54,27 @@ class TestExGRPOTrainer(TrlTestCase):
                 args=GRPOConfig(output_dir=self.tmp_dir, report_to="none"),
             )
 
-    def test_iterable_dataset_is_refused(self):
-        # Replayed questions are read back from the dataset by index
+    def test_train_iterable_dataset(self):
+        # Replays come from the rows kept in the buffer, so a streamed dataset works too
         dataset = load_dataset("trl-internal-testing/zen", "standard_prompt_only", split="train")
-        with pytest.raises(ValueError, match="map-style"):
-            ExGRPOTrainer(
-                model="trl-internal-testing/tiny-Qwen2ForCausalLM-2.5",
-                reward_funcs="trl-internal-testing/tiny-Qwen2ForSequenceClassification-2.5",
-                args=ExGRPOConfig(output_dir=self.tmp_dir, report_to="none"),
-                train_dataset=dataset.to_iterable_dataset(),
-            )
+        training_args = ExGRPOConfig(
+            output_dir=self.tmp_dir,
+            learning_rate=0.1,
+            per_device_train_batch_size=3,
+            num_generations=3,
+            max_completion_length=8,
+            max_steps=3,
+            delayed_start_threshold=0.0,
+            report_to="none",
+        )
+        trainer = ExGRPOTrainer(
+            model="trl-internal-testing/tiny-Qwen2ForCausalLM-2.5",
+            reward_funcs="trl-internal-testing/tiny-Qwen2ForSequenceClassification-2.5",
+            args=training_args,
+            train_dataset=dataset.to_iterable_dataset(),
+        )
+        trainer.train()
+        assert trainer.state.log_history[-1]["train_loss"] is not None
 
     def test_train(self):
         dataset = load_dataset("trl-internal-testing/zen", "standard_prompt_only", split="train")

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -7,6 +8,8 @@ from trl import GRPOConfig
 # replace the per-token surrogate itself, which ExGRPO's mixed objective already does.
 SUPPORTED_LOSS_TYPES = ("dr_grpo", "dapo", "bnpo", "grpo")
 TRAJECTORY_SELECTIONS = ("lowest_entropy", "highest_entropy", "random")
+QUESTION_SELECTIONS = ("gaussian", "linear", "sqrt", "linear_clip", "uniform")
+DISPLACED_QUESTIONS = ("drop", "requeue")
 
 
 @dataclass
@@ -28,6 +31,9 @@ class ExGRPOConfig(GRPOConfig):
         loss_type (`str`, defaults to `"dr_grpo"`):
             The paper sums token losses and divides by a constant (Dr. GRPO). `"dapo"`, `"bnpo"` and `"grpo"` are also
             supported; the others are refused because they replace the per-token surrogate.
+
+    The paper's ablations are switches: `question_selection`, `trajectory_selection`, `replay_policy_shaping`,
+    `replay_importance_correction`, `replay_ratio` (and `replay_ratio=0.0` for no replay at all).
 
     Refused (construction fails with a message): `use_adaptive_entropy`, `top_entropy_quantile < 1`,
     `off_policy_mask_threshold`, `importance_sampling_level="sequence"` and `delta` (two-sided clipping). A static
@@ -54,6 +60,29 @@ class ExGRPOConfig(GRPOConfig):
             Standard deviation of that Gaussian, in success counts: bucket `k` is drawn with probability proportional
             to `exp(-(k - center)² / (2 · width²))` among the non-empty buckets. Paper and official code: 1 count (the
             paper's text writes 1 on the accuracy scale, which would be nearly uniform).
+        question_selection (`str`, *optional*, defaults to `"gaussian"`):
+            How buffered questions are drawn for replay. `"gaussian"` (paper and official default): a bucket by the
+            Gaussian above, then a question uniformly inside it. The official code's other bucket weightings, for k
+            successes out of K: `"linear"` (k / K), `"sqrt"` (sqrt(k / K)), `"linear_clip"` (k / K up to K / 2, then
+            0.5). `"uniform"`: uniformly over the buffered questions, the paper's ablation without question selection
+            (in-distribution average 48.3 → 46.7; without question and trajectory selection 46.1). Bucket weights do not
+            depend on how many questions a bucket holds, so a thin middle bucket is replayed often; the
+            `replay/max_replays_per_question` metric shows it.
+        replay_policy_shaping (`bool`, *optional*, defaults to `True`):
+            Whether replayed tokens use the shaped weight `f(w)`. `False` is the paper's ablation without policy
+            shaping: the plain, unclipped ratio `w` (the official code's `off_policy_reshape="no_reshape"`): 48.3 →
+            41.2.
+        replay_importance_correction (`bool`, *optional*, defaults to `True`):
+            Whether replayed tokens' ratio `w` is taken against the stored log-probs of the policy that generated them.
+            `False` is the paper's ablation without importance correction (official `exp_is_correct=False`): `w` is
+            taken against the policy that started the step (detached), as if the trajectory were on-policy, and
+            `f(w)` still applies: 48.3 → 47.1.
+        displaced_questions (`str`, *optional*, defaults to `"drop"`):
+            What happens to the fresh questions that replayed ones displace from a generation batch. `"drop"` (the
+            official code): they are skipped for the epoch, so with `replay_ratio=0.5` a run trains on about half as
+            many distinct fresh questions. `"requeue"` (**a departure from the paper**): they wait in a queue and take
+            the next fresh slots, so the fresh questions are those of GRPO's stream, only later; the queue (question
+            rows) is saved with the checkpoint. Meant for tasks where fresh questions are plentiful.
         trajectory_selection (`str`, *optional*, defaults to `"lowest_entropy"`):
             Which stored trajectory of a selected question is replayed: `"lowest_entropy"` (the paper: lowest mean
             per-token entropy under the current policy), `"highest_entropy"` or `"random"` (ablations: 46.0 and 46.3
@@ -132,6 +161,37 @@ class ExGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Dataset column identifying a question. None: a SHA-1 hash of the prompt."},
     )
+    question_selection: str = field(
+        default="gaussian",
+        metadata={
+            "help": "How buffered questions are drawn for replay: a bucket by 'gaussian' weight (paper), or the "
+            "official code's 'linear', 'sqrt', 'linear_clip' weightings, or 'uniform' over questions (ablation "
+            "without question selection).",
+            "choices": list(QUESTION_SELECTIONS),
+        },
+    )
+    replay_policy_shaping: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether replayed tokens use the shaped weight f(w) = w / (w + s) (paper) or the plain, unclipped "
+            "ratio w (ablation: 48.3 -> 41.2)."
+        },
+    )
+    replay_importance_correction: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether replayed tokens' ratio is taken against the stored log-probs (paper) or against the "
+            "current policy's, as if on-policy (ablation: 48.3 -> 47.1)."
+        },
+    )
+    displaced_questions: str = field(
+        default="drop",
+        metadata={
+            "help": "What happens to the fresh questions a replay displaces: 'drop' (skipped for the epoch, paper's "
+            "code) or 'requeue' (trained at the next fresh slots; a departure from the paper).",
+            "choices": list(DISPLACED_QUESTIONS),
+        },
+    )
     success_threshold: float = field(
         default=1.0,
         metadata={"help": "A completion is correct when its (weighted, summed) reward is at least this. Paper: 1.0."},
@@ -175,16 +235,29 @@ class ExGRPOConfig(GRPOConfig):
                 f"delayed_start_threshold must be in [0, 1] (an accuracy), got {self.delayed_start_threshold}. The "
                 "paper uses 0.35."
             )
-        if not self.replay_weight_shaping > 0.0:
+        if not 0.0 < self.replay_weight_shaping < math.inf:
             raise ValueError(
                 f"replay_weight_shaping must be > 0, got {self.replay_weight_shaping}. The paper uses 0.1."
             )
-        if not self.bucket_width > 0.0:
+        if not 0.0 < self.bucket_width < math.inf:
             raise ValueError(f"bucket_width must be > 0 (success counts), got {self.bucket_width}. The paper uses 1.")
         if self.bucket_center is not None and not 0.0 <= self.bucket_center <= self.num_generations:
             raise ValueError(
                 f"bucket_center must be between 0 and num_generations ({self.num_generations}) success counts, got "
                 f"{self.bucket_center}. Set it to None for num_generations / 2, as the paper."
+            )
+        if self.question_selection not in QUESTION_SELECTIONS:
+            raise ValueError(
+                f"question_selection must be one of {list(QUESTION_SELECTIONS)}, got {self.question_selection!r}."
+            )
+        if self.displaced_questions not in DISPLACED_QUESTIONS:
+            raise ValueError(
+                f"displaced_questions must be one of {list(DISPLACED_QUESTIONS)}, got {self.displaced_questions!r}."
+            )
+        if not (isinstance(self.success_threshold, (int, float)) and 0.0 <= self.success_threshold < math.inf):
+            raise ValueError(
+                f"success_threshold must be a finite number >= 0 (a completion is a success when its reward reaches "
+                f"it), got {self.success_threshold}. The paper's 0/1 reward uses 1.0."
             )
         if self.trajectory_selection not in TRAJECTORY_SELECTIONS:
             raise ValueError(

@@ -5,14 +5,16 @@ import os
 import random
 import textwrap
 import time
+import zipfile
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 from trl.models.utils import disable_gradient_checkpointing
@@ -20,7 +22,7 @@ from trl.trainer.utils import get_config_model_id, nanmax, nanmin, pad
 
 from .exgrpo_config import ExGRPOConfig
 from .objective import aggregate_loss, exgrpo_per_token_loss
-from .replay_buffer import ReplayBuffer, Trajectory, select_trajectory
+from .replay_buffer import ReplayBuffer, Trajectory, encode_row, select_trajectory
 
 
 logger = get_logger(__name__)
@@ -38,9 +40,12 @@ def prompt_question_id(prompt) -> str:
 class _GenerationPlan:
     """What one generation batch replays, computed identically on every process (local rows are per process)."""
 
-    group_question_ids: list[str]  # one per global group, after retirement replacement and replay
+    group_question_ids: list[str]  # one per global group, after requeue, retirement replacement and replay
+    group_rows: list[str]  # the dataset row (JSON) of each global group
+    replayed_slots: list[int] = field(default_factory=list)  # global groups that carry a replayed trajectory
     substitutions: dict[int, Trajectory] = field(default_factory=dict)  # local row -> stored trajectory
     num_replayed: int = 0  # global number of replayed groups
+    num_replaced: int = 0  # global number of retired questions replaced by other ones
     chosen_entropies: list[float] = field(default_factory=list)  # local, of the replayed trajectories
 
 
@@ -72,12 +77,14 @@ class ExGRPOTrainer(GRPOTrainer):
     Same constructor and machinery as [`~trl.GRPOTrainer`] (transformers or vLLM generation, accelerate, PEFT,
     logging). How it hooks into TRL, without copying its generation code:
 
-    - `_generate_and_score_completions` plans the batch before calling `super()`: groups of retired questions are
-      replaced by other unretired dataset questions (drawn uniformly, possibly one already in the batch), and
-      `floor(replay_ratio * questions)` groups (taken from the end of each process's batch, interleaved across
-      processes) are replaced by buffered questions; the fresh questions they displace are skipped for this epoch.
-      A question may occur both fresh and replayed in one batch; each of its groups updates its bucket in turn. After `super()`, it updates
-      the buckets, retirement and phase from the rewards of all processes, and adds per-row keys for the loss.
+    - `_generate_and_score_completions` plans the batch before calling `super()`, on the global list of groups
+      (question ids and rows gathered from every process): `floor(replay_ratio * questions)` groups (taken from the
+      end of each process's batch, interleaved across processes) are replaced by buffered questions; the fresh
+      questions they displace are skipped for this epoch (or requeued, `displaced_questions="requeue"`); groups of
+      retired questions are replaced by other unretired dataset questions (drawn uniformly, possibly one already in
+      the batch). A question may occur both fresh and replayed in one batch; each of its groups updates its bucket in
+      turn. After `super()`, it updates the buckets, retirement and phase from the rewards of all processes, and adds
+      per-row keys for the loss. Completions no reward function could score (or scored ±inf) are not trained on.
     - `_generate_single_turn` substitutes one of the K fresh completions of each replayed group by the stored
       trajectory (and its log-probs for vLLM's sampling log-probs). TRL then decodes, rewards and pads it like any
       completion. One fresh completion per replayed group is generated and discarded: the price of not copying TRL's
@@ -85,12 +92,20 @@ class ExGRPOTrainer(GRPOTrainer):
     - `_compute_loss` applies the mixed objective and captures, for free, the log-probs of the correct fresh rows to
       store (the sampling policy's: TRL's `old_per_token_logps` when it computed them, else the first forward pass).
     - A callback merges the collected trajectories of all processes into every process's buffer after each optimizer
-      step; the buffer state is saved with each checkpoint and restored on resume.
+      step; the buffer state is written with the optimizer state of each checkpoint (before it is pushed or older ones
+      rotated), and on resume read by the main process and broadcast.
+    - Metrics under `replay/`: phase, rollout accuracy, buffer questions / trajectories / bucket sizes, retired and
+      replaced questions, replayed fraction, distinct fresh and replayed questions, the most replays of one question,
+      the replayed rows' reward, their share of the loss, shaped weight, chosen entropy; a `replayed` column in the
+      completions table.
 
-    Not handled (refused at construction): tools, `rollout_func`, `environment_factory`, vision-language models and
-    iterable datasets. An exact resume needs a checkpoint at a generation boundary, i.e. `gradient_accumulation_steps`
-    a multiple of `steps_per_generation * num_iterations` (TRL's own condition for resuming a generation batch).
-    With vLLM, TRL's `sampling/*` metrics include replayed rows.
+    Any dataset TRL accepts works, iterable ones included: the buffer keeps each buffered question's dataset row, so
+    a replay reads nothing back from the dataset. With an iterable dataset a retired question that comes round again
+    is trained (a stream cannot be drawn from to replace it). Not handled (refused at construction): tools,
+    `rollout_func`, `environment_factory` (they generate in TRL's multi-turn loop, which a stored completion cannot
+    enter without copying it) and vision-language models. An exact resume needs a checkpoint at a generation
+    boundary, i.e. `gradient_accumulation_steps` a multiple of `steps_per_generation * num_iterations` (TRL's own
+    condition for resuming a generation batch). With vLLM, TRL's `sampling/*` metrics include replayed rows.
     """
 
     _tag_names = ["trl", "exgrpo"]
@@ -117,18 +132,20 @@ class ExGRPOTrainer(GRPOTrainer):
         for name in ("tools", "rollout_func", "environment_factory"):
             if kwargs.get(name):
                 raise ValueError(
-                    f"ExGRPOTrainer does not support `{name}`: replay substitutes stored single-turn completions into "
-                    "TRL's generation, which tools, rollout functions and environments bypass."
+                    f"ExGRPOTrainer does not support `{name}`: replay substitutes a stored completion for one of TRL's "
+                    "single-turn generations, while tools, rollout functions and environments generate several turns "
+                    "(and tool outputs) in TRL's own loop, which cannot take a stored trajectory without copying it."
                 )
-        if isinstance(train_dataset, IterableDataset) or not isinstance(train_dataset, Dataset):
+        if not isinstance(train_dataset, (Dataset, IterableDataset)):
             raise ValueError(
-                "ExGRPOTrainer needs a map-style `datasets.Dataset` as train_dataset (got "
-                f"{type(train_dataset).__name__}): replayed and replacement questions are read back by index."
+                "ExGRPOTrainer needs a train_dataset (a `datasets.Dataset` or `datasets.IterableDataset`), got "
+                f"{type(train_dataset).__name__}."
             )
-        if args.question_id_column is not None and args.question_id_column not in train_dataset.column_names:
+        columns = train_dataset.column_names  # None for an iterable dataset of unknown features
+        if args.question_id_column is not None and columns is not None and args.question_id_column not in columns:
             raise ValueError(
                 f"question_id_column={args.question_id_column!r} is not a column of the train dataset (columns: "
-                f"{train_dataset.column_names})."
+                f"{columns})."
             )
 
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
@@ -136,15 +153,18 @@ class ExGRPOTrainer(GRPOTrainer):
         if self._is_vlm:
             raise ValueError("ExGRPOTrainer does not support vision-language models (a processor with images).")
 
-        # question id -> first dataset index, and the unique ids in dataset order (the pool for retired replacements)
-        if args.question_id_column is not None:
-            dataset_ids = [str(v) for v in self.train_dataset[args.question_id_column]]
-        else:
-            dataset_ids = [prompt_question_id(p) for p in self.train_dataset["prompt"]]
+        # For a map-style dataset, the unique question ids in dataset order: the pool from which retired questions are
+        # replaced. An iterable dataset cannot be drawn from, so there a retired question that comes back is trained.
+        self._dataset_question_ids: list[str] | None = None
         self._question_index: dict[str, int] = {}
-        for index, question_id in enumerate(dataset_ids):
-            self._question_index.setdefault(question_id, index)
-        self._dataset_question_ids = list(self._question_index)
+        if isinstance(self.train_dataset, Dataset):
+            if args.question_id_column is not None:
+                dataset_ids = [str(v) for v in self.train_dataset[args.question_id_column]]
+            else:
+                dataset_ids = [prompt_question_id(p) for p in self.train_dataset["prompt"]]
+            for index, question_id in enumerate(dataset_ids):
+                self._question_index.setdefault(question_id, index)
+            self._dataset_question_ids = list(self._question_index)
 
         self.replay_buffer = ReplayBuffer(
             num_generations=self.num_generations,
@@ -152,6 +172,7 @@ class ExGRPOTrainer(GRPOTrainer):
             bucket_width=args.bucket_width,
             max_trajectories_per_question=args.max_trajectories_per_question,
             max_buffer_trajectories=args.max_buffer_trajectories,
+            question_selection=args.question_selection,
         )
         # Every process draws from this generator with the same seed and in the same order (TRL seeds torch per
         # process, so torch's generator cannot be shared).
@@ -160,6 +181,11 @@ class ExGRPOTrainer(GRPOTrainer):
         self._pending_trajectories: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._last_global_rewards: torch.Tensor | None = None
         self._warned_all_retired = False
+        # Displaced fresh questions waiting for a fresh slot (displaced_questions="requeue"), as (id, row JSON).
+        self._requeued: deque[tuple[str, str]] = deque()
+        # What has been trained on, for the replay metrics: replays per question, distinct fresh questions.
+        self._replay_counts: Counter[str] = Counter()
+        self._fresh_questions: set[str] = set()
         # Under FSDP and ZeRO-3 a forward pass is a collective: every process must run the same number of them.
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         self._collective_forward = bool(self.is_fsdp_enabled or zero3)
@@ -172,49 +198,70 @@ class ExGRPOTrainer(GRPOTrainer):
         if column is None:
             return prompt_question_id(row["prompt"])
         if column not in row:
-            raise KeyError(
-                f"question_id_column={column!r} is missing from the training rows; keep remove_unused_columns=False."
+            raise ValueError(
+                f"question_id_column={column!r} is missing from the training rows (keys: {sorted(row)}); it must be "
+                "a column of the train dataset, and remove_unused_columns must stay False."
             )
         return str(row[column])
 
-    def _dataset_row(self, question_id: str, keys) -> dict:
-        row = self.train_dataset[self._question_index[question_id]]
-        return {key: row[key] for key in keys}
+    def _replay_row(self, question_id: str) -> str:
+        row = self.replay_buffer.encoded_row(question_id)
+        if row is None and question_id in self._question_index:  # a replay state written before rows were kept
+            row = encode_row(self.train_dataset[self._question_index[question_id]])
+        if row is None:
+            raise RuntimeError(f"The replay buffer holds no dataset row for question {question_id!r}.")
+        return row
 
     def _plan_generation(self, inputs: list[dict]) -> tuple[list[dict], _GenerationPlan]:
-        """Decide which groups are replaced (retired questions) or replayed, identically on every process."""
+        """Decide which groups are requeued, replaced (retired questions) or replayed, identically on every process.
+
+        Works on the global list of groups (question id and dataset row of each, gathered from every process), then
+        rebuilds this process's rows from it.
+        """
         K = self.num_generations
         if len(inputs) % K != 0:
             raise RuntimeError(f"The local generation batch ({len(inputs)} rows) is not a whole number of groups.")
         num_local = len(inputs) // K
-        local_ids = []
+        local = []
         for g in range(num_local):
             ids = {self._row_question_id(row) for row in inputs[g * K : (g + 1) * K]}
             if len(ids) != 1:
                 raise RuntimeError("A group of num_generations consecutive rows holds several questions.")
-            local_ids.append(ids.pop())
+            local.append((ids.pop(), encode_row(inputs[g * K])))
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        group_ids = gather_object(local_ids) if world > 1 else local_ids
-        num_groups = len(group_ids)
-        buffer, rng = self.replay_buffer, self._replay_rng
+        groups = gather_object(local) if world > 1 else local  # [(question id, row JSON)] in global slot order
+        num_groups = len(groups)
+        buffer, rng, args = self.replay_buffer, self._replay_rng, self.args
 
         # Replayed questions take global slots j -> process j % world, that process's groups from the end.
         replay_slots: dict[int, str] = {}
-        if buffer.replay_started and self.args.replay_ratio > 0:
-            num_replay = min(math.floor(self.args.replay_ratio * num_groups + 1e-9), buffer.num_questions)
-            for j, question_id in enumerate(buffer.sample_questions(num_replay, rng)):
+        if buffer.replay_started and args.replay_ratio > 0:
+            num_replay = min(math.floor(args.replay_ratio * num_groups + 1e-9), buffer.num_questions)
+            drawn = buffer.sample_questions(num_replay, rng)
+            for j, question_id in enumerate(drawn):
                 replay_slots[(j % world) * num_local + num_local - 1 - j // world] = question_id
         random_choice = {}
-        if self.args.trajectory_selection == "random":
+        if args.trajectory_selection == "random":
             for slot in sorted(replay_slots):
                 random_choice[slot] = rng.randrange(len(buffer.trajectories(replay_slots[slot])))
 
-        # Retired questions leave the sampler: their groups get another, unretired question.
-        replaced = set()
-        if self.args.retire_solved_questions and buffer.num_retired:
+        fresh_slots = [slot for slot in range(num_groups) if slot not in replay_slots]
+        if args.displaced_questions == "requeue":
+            # The displaced questions wait for the next fresh slots: the fresh stream is delayed, never cut.
+            candidates = [*self._requeued, *groups]
+            if args.retire_solved_questions:
+                candidates = [c for c in candidates if not buffer.is_retired(c[0])]
+            fresh = dict(zip(fresh_slots, candidates))
+            self._requeued = deque(candidates[len(fresh) :])
+        else:  # "drop", as the paper's code: a displaced question is skipped for this epoch
+            fresh = {slot: groups[slot] for slot in fresh_slots}
+
+        # Retired questions leave the sampler: their groups get another, unretired question of the dataset.
+        replaced = 0
+        if args.retire_solved_questions and buffer.num_retired and self._dataset_question_ids is not None:
             pool = None
-            for slot in range(num_groups):
-                if slot in replay_slots or not buffer.is_retired(group_ids[slot]):
+            for slot, (question_id, _) in list(fresh.items()):
+                if not buffer.is_retired(question_id):
                     continue
                 if pool is None:
                     pool = [q for q in self._dataset_question_ids if not buffer.is_retired(q)]
@@ -223,29 +270,39 @@ class ExGRPOTrainer(GRPOTrainer):
                         logger.warning("Every question of the dataset is retired; retired questions are trained on.")
                         self._warned_all_retired = True
                     break
-                group_ids[slot] = pool[rng.randrange(len(pool))]
-                replaced.add(slot)
-        group_ids = [replay_slots.get(slot, q) for slot, q in enumerate(group_ids)]
+                question_id = pool[rng.randrange(len(pool))]
+                fresh[slot] = (question_id, encode_row(self.train_dataset[self._question_index[question_id]]))
+                replaced += 1
+        # A slot left empty (requeue ran out of candidates, which only retirement can cause) keeps its sampled group.
+        planned = {slot: fresh.get(slot, groups[slot]) for slot in fresh_slots}
+        planned.update({slot: (q, self._replay_row(q)) for slot, q in replay_slots.items()})
+        planned = [planned[slot] for slot in range(num_groups)]
 
         inputs = list(inputs)
-        keys = list(inputs[0].keys())
         local_replays = []  # (local group, question id)
         for g in range(num_local):
             slot = rank * num_local + g
-            if slot in replay_slots or slot in replaced:
-                row = self._dataset_row(group_ids[slot], keys)
-                inputs[g * K : (g + 1) * K] = [dict(row) for _ in range(K)]
+            question_id, row = planned[slot]
+            if row != local[g][1]:
+                decoded = json.loads(row)
+                inputs[g * K : (g + 1) * K] = [dict(decoded) for _ in range(K)]
             if slot in replay_slots:
-                local_replays.append((g, group_ids[slot]))
+                local_replays.append((g, question_id))
 
-        plan = _GenerationPlan(group_question_ids=group_ids, num_replayed=len(replay_slots))
-        if self.args.trajectory_selection == "random":
+        plan = _GenerationPlan(
+            group_question_ids=[q for q, _ in planned],
+            group_rows=[row for _, row in planned],
+            replayed_slots=sorted(replay_slots),
+            num_replayed=len(replay_slots),
+            num_replaced=replaced,
+        )
+        if args.trajectory_selection == "random":
             for g, question_id in local_replays:
                 choice = random_choice[rank * num_local + g]
                 plan.substitutions[g * K] = buffer.trajectories(question_id)[choice]
         else:
             # Scoring batches per process, known everywhere because the buffer and the plan are identical.
-            batch_size = self.args.per_device_train_batch_size
+            batch_size = args.per_device_train_batch_size
             counts = [0] * world
             for slot, question_id in replay_slots.items():
                 counts[slot // num_local] += len(buffer.trajectories(question_id))
@@ -258,7 +315,7 @@ class ExGRPOTrainer(GRPOTrainer):
             if replay_slots:
                 self._metrics["train"]["replay/entropy_scoring_time"].append(time.perf_counter() - start)
             for (g, question_id), scores in zip(local_replays, entropies):
-                choice = select_trajectory(scores, self.args.trajectory_selection)
+                choice = select_trajectory(scores, args.trajectory_selection)
                 plan.substitutions[g * K] = buffer.trajectories(question_id)[choice]
                 plan.chosen_entropies.append(scores[choice])
         return inputs, plan
@@ -311,6 +368,15 @@ class ExGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # ±inf would turn the group mean, hence every advantage of the group, into NaN: such a reward is treated as
+        # unscorable (as None), and a completion with no finite reward is left out of the loss.
+        non_finite = torch.isinf(rewards_per_func)
+        self._metrics["train" if self.model.training else "eval"]["rewards/non_finite"].append(
+            non_finite.float().mean().item()
+        )
+        if non_finite.any():
+            logger.warning(f"{int(non_finite.sum())} reward(s) were ±inf; they are treated as unscorable (like None).")
+            rewards_per_func = rewards_per_func.masked_fill(non_finite, torch.nan)
         self._last_global_rewards = rewards_per_func  # (B_global, num_reward_funcs), gathered over processes
         return rewards_per_func
 
@@ -329,9 +395,14 @@ class ExGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         if not self.model.training:
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
+            output["scorable"] = self._scorable_rows()
+            return output
 
         inputs, plan = self._plan_generation(inputs)
+        K = self.num_generations
+        num_rows = len(inputs)
+        self._log_completion_extra("replayed", [row in plan.substitutions for row in range(num_rows)])
         self._replay_plan = plan.substitutions
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -339,8 +410,7 @@ class ExGRPOTrainer(GRPOTrainer):
             self._replay_plan = None
 
         device = self.accelerator.device
-        K = self.num_generations
-        num_rows, max_len = output["completion_ids"].shape
+        max_len = output["completion_ids"].size(1)
         num_local = num_rows // K
         rank = self.accelerator.process_index
 
@@ -353,13 +423,19 @@ class ExGRPOTrainer(GRPOTrainer):
         # Successes over all processes (the rewards TRL gathered), hence identical buffer updates everywhere.
         rewards_per_func = self._last_global_rewards
         rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
-        success = (rewards >= self.args.success_threshold) & ~torch.isnan(rewards_per_func).all(dim=1)
+        scorable = ~torch.isnan(rewards_per_func).all(dim=1)
+        success = (rewards >= self.args.success_threshold) & scorable
         accuracy = success.sum().item() / success.numel()
         buffer = self.replay_buffer
         buffer.maybe_start_replay(accuracy, self.args.delayed_start_threshold)
         counts = success.view(-1, K).sum(dim=1).tolist()
-        for question_id, count in zip(plan.group_question_ids, counts):
-            buffer.record_group(question_id, count)
+        for question_id, row, count in zip(plan.group_question_ids, plan.group_rows, counts):
+            buffer.record_group(question_id, count, row=row if buffer.needs_row(question_id) else None)
+        for slot, question_id in enumerate(plan.group_question_ids):
+            if slot in plan.replayed_slots:
+                self._replay_counts[question_id] += 1
+            else:
+                self._fresh_questions.add(question_id)
 
         # Rows to store: the fresh correct rows of partially solved groups, once replay has started.
         collect = torch.zeros(num_rows, dtype=torch.bool, device=device)
@@ -373,23 +449,45 @@ class ExGRPOTrainer(GRPOTrainer):
         output["replay_mask"] = replay_mask
         output["stored_per_token_logps"] = stored
         output["collect_mask"] = collect
+        output["scorable"] = scorable[rank * num_rows : (rank + 1) * num_rows]
         output["question_ids"] = [plan.group_question_ids[rank * num_local + r // K] for r in range(num_rows)]
         if "importance_sampling_ratio" in output:
             # TRL compared the training policy with the stored log-probs we substituted as sampling log-probs; a
             # replayed row was not sampled by vLLM, so it gets no vLLM correction.
             output["importance_sampling_ratio"][replay_mask] = 1.0
 
-        metrics = self._metrics["train"]
+        self._log_generation_metrics(plan, accuracy, success.numel(), rewards)
+        return output
+
+    def _scorable_rows(self) -> torch.Tensor:
+        rewards_per_func = self._last_global_rewards
+        num_local = rewards_per_func.size(0) // self.accelerator.num_processes
+        start = self.accelerator.process_index * num_local
+        return ~torch.isnan(rewards_per_func[start : start + num_local]).all(dim=1)
+
+    def _log_generation_metrics(self, plan: _GenerationPlan, accuracy: float, num_rows: int, rewards) -> None:
+        buffer, metrics, K = self.replay_buffer, self._metrics["train"], self.num_generations
         metrics["replay/phase"].append(float(buffer.replay_started))
         metrics["replay/accuracy"].append(accuracy)
-        metrics["replay/replayed_questions_fraction"].append(plan.num_replayed / len(counts))
-        metrics["replay/replayed_rows_fraction"].append(plan.num_replayed / success.numel())
+        metrics["replay/replayed_questions_fraction"].append(plan.num_replayed / len(plan.group_question_ids))
+        metrics["replay/replayed_rows_fraction"].append(plan.num_replayed / num_rows)
+        metrics["replay/replaced_retired_questions"].append(plan.num_replaced)
+        metrics["replay/requeued_questions"].append(len(self._requeued))
+        metrics["replay/distinct_fresh_questions"].append(len(self._fresh_questions))
+        metrics["replay/distinct_replayed_questions"].append(len(self._replay_counts))
+        metrics["replay/max_replays_per_question"].append(max(self._replay_counts.values(), default=0))
+        for k, size in buffer.bucket_sizes().items():
+            metrics[f"replay/bucket_{k}_questions"].append(size)
+        if plan.replayed_slots:
+            # The replayed row of a group is its first row (global row = slot * K).
+            replayed_rewards = rewards[[slot * K for slot in plan.replayed_slots]]
+            metrics["replay/replayed_reward_mean"].append(replayed_rewards.mean().item())
         if self.args.trajectory_selection != "random":
+            device = self.accelerator.device
             local = torch.tensor([sum(plan.chosen_entropies), len(plan.chosen_entropies)], device=device)
             total, count = self.accelerator.reduce(local, reduction="sum").tolist()
             if count > 0:
                 metrics["replay/chosen_entropy"].append(total / count)
-        return output
 
     # Collection ------------------------------------------------------------------------------------------------------
 
@@ -431,6 +529,8 @@ class ExGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logits_to_keep = completion_ids.size(1)
         mask = completion_mask
+        if "scorable" in inputs:  # a completion no reward function could score is not trained on
+            mask = mask * inputs["scorable"].unsqueeze(1).to(mask.dtype)
 
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
@@ -452,6 +552,9 @@ class ExGRPOTrainer(GRPOTrainer):
         stored = torch.zeros_like(per_token_logps) if stored is None else stored
         old_per_token_logps = inputs.get("old_per_token_logps")
         old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        if not self.args.replay_importance_correction:
+            # The ablation: replayed tokens are weighed against the policy that started this step, as if on-policy.
+            stored = torch.where(replay_mask.unsqueeze(1), old_per_token_logps, stored)
         clip_fresh = not (self.args.unclip_fresh_after_switch and self.replay_buffer.replay_started)
 
         per_token_loss, ratio, shaped_weight, per_token_kl = exgrpo_per_token_loss(
@@ -463,7 +566,7 @@ class ExGRPOTrainer(GRPOTrainer):
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
             clip_fresh=clip_fresh,
-            shaping=self.args.replay_weight_shaping,
+            shaping=self.args.replay_weight_shaping if self.args.replay_policy_shaping else None,
             importance_sampling_ratio=inputs.get("importance_sampling_ratio")
             if self.use_vllm and self.vllm_importance_sampling_correction
             else None,
@@ -482,8 +585,11 @@ class ExGRPOTrainer(GRPOTrainer):
             loss = aggregate_loss(per_token_loss, mask, self.loss_type, self.max_completion_length) / accumulation
 
         if self._entropy_bonus_enabled:  # static coefficient only (adaptive control is refused by the config)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(loss.detach()).nanmean().item())
             entropy_loss = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
             loss = loss - self.entropy_coef * entropy_loss
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
@@ -519,30 +625,43 @@ class ExGRPOTrainer(GRPOTrainer):
             append("clip_ratio/low_min", low_min)
             append("clip_ratio/high_max", high_max)
         append("replay/shaped_weight_mean", global_masked_mean(shaped_weight, mask * replay_mask.unsqueeze(1)))
+        # The replayed rows' share of the policy loss, in absolute per-token loss: how much of the update they drive.
+        magnitude = (per_token_loss.detach().abs() * mask).sum(-1)
+        totals = self.accelerator.reduce(torch.stack([magnitude[replay_mask].sum(), magnitude.sum()]), reduction="sum")
+        if totals[1].item() > 0:
+            append("replay/loss_share", totals[0].item() / totals[1].item())
         return loss
 
     # Checkpoints -----------------------------------------------------------------------------------------------------
+    # The replay state is written with the optimizer state, i.e. inside the checkpoint before it is pushed or older
+    # ones rotated, and read on one process and broadcast, so every process resumes the same buffer.
 
     def _replay_state_dict(self) -> dict:
         version, internal, gauss_next = self._replay_rng.getstate()
         return {
-            "format": 1,
+            "format": 2,
+            "question_id_column": self.args.question_id_column,
             "buffer": self.replay_buffer.state_dict(),
             "rng": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+            "requeued": [list(item) for item in self._requeued],
+            "replay_counts": dict(self._replay_counts),
+            "fresh_questions": sorted(self._fresh_questions),
         }
 
     def _load_replay_state_dict(self, state: dict) -> None:
         self.replay_buffer.load_state_dict(state["buffer"])
         rng = state["rng"]
         self._replay_rng.setstate((rng["version"], tuple(rng["internal"]), rng["gauss_next"]))
+        self._requeued = deque(tuple(item) for item in state.get("requeued", []))
+        self._replay_counts = Counter(state.get("replay_counts", {}))
+        self._fresh_questions = set(state.get("fresh_questions", []))
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            torch.save(self._replay_state_dict(), os.path.join(folder, REPLAY_STATE_NAME))
+            path = os.path.join(output_dir, REPLAY_STATE_NAME)
+            torch.save(self._replay_state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)  # a kill mid-write never leaves a truncated file under the real name
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -550,6 +669,66 @@ class ExGRPOTrainer(GRPOTrainer):
             return
         path = os.path.join(checkpoint, REPLAY_STATE_NAME)
         if not os.path.isfile(path):
-            logger.warning(f"No {REPLAY_STATE_NAME} in {checkpoint}: resuming ExGRPO with an empty replay buffer.")
+            if _written_with(checkpoint, type(self.args).__name__):
+                raise FileNotFoundError(
+                    f"{checkpoint} was written by ExGRPOTrainer but has no {REPLAY_STATE_NAME} (the replay buffer): "
+                    "the save was interrupted or the file was removed. Resume from an earlier, complete checkpoint."
+                )
+            logger.warning(
+                f"No {REPLAY_STATE_NAME} in {checkpoint}: resuming ExGRPO with an empty replay buffer. This is expected "
+                "only for a checkpoint that ExGRPOTrainer did not write (a GRPO checkpoint, say)."
+            )
             return
-        self._load_replay_state_dict(torch.load(path, weights_only=True))
+        # One process reads the file; the others receive it (they may not share its file system).
+        message = [None]
+        if self.accelerator.is_main_process:
+            try:
+                state = torch.load(path, weights_only=True)
+                if not isinstance(state, dict) or "buffer" not in state:
+                    raise ValueError("not an ExGRPO replay state")
+                message = [state]
+            except Exception as error:
+                message = [f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(message, from_process=0)
+        if isinstance(message[0], str):
+            raise ValueError(message[0] + " Resume from an earlier checkpoint.")
+        state = message[0]
+        self._check_replay_state(path, state)
+        self._load_replay_state_dict(state)
+        dropped = self.replay_buffer.drop_longer_than(self.max_completion_length)
+        if dropped:
+            logger.warning(
+                f"Dropped {dropped} stored trajectories longer than max_completion_length={self.max_completion_length} "
+                f"from the replay state in {path}: this run could not have generated them."
+            )
+
+    def _check_replay_state(self, path: str, state: dict) -> None:
+        """The replay state must come from a run on the same questions: same id column, same dataset."""
+        saved_column = state.get("question_id_column", self.args.question_id_column)  # format 1 did not record it
+        if saved_column != self.args.question_id_column:
+            raise ValueError(
+                f"Cannot resume from {path}: its questions are identified by question_id_column={saved_column!r}, this "
+                f"run uses {self.args.question_id_column!r}. Resume with question_id_column={saved_column!r}."
+            )
+        if self._dataset_question_ids is None:  # an iterable dataset: its questions cannot be listed
+            return
+        saved = set(state["buffer"]["question_ids"]) | set(state["buffer"]["retired"])
+        unknown = saved - set(self._question_index)
+        if unknown:
+            raise ValueError(
+                f"Cannot resume from {path}: {len(unknown)} of the {len(saved)} questions in its replay state are not "
+                f"in this train dataset (e.g. {sorted(unknown)[0]!r}). It was written for another dataset, or with "
+                "other prompts; resume with the dataset it was trained on."
+            )
+
+
+def _written_with(checkpoint: str, config_class: str) -> bool:
+    """Whether the training arguments saved in a checkpoint are of class `config_class` (read, never unpickled)."""
+    try:
+        with zipfile.ZipFile(os.path.join(checkpoint, TRAINING_ARGS_NAME)) as archive:
+            pickles = [archive.read(name) for name in archive.namelist() if name.endswith("data.pkl")]
+    except (OSError, zipfile.BadZipFile):
+        return False
+    # the pickle names the class as "module\nClassName" (GLOBAL opcode)
+    return any(f"\n{config_class}\n".encode() in data for data in pickles)

@@ -37,7 +37,7 @@ def exgrpo_per_token_loss(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     clip_fresh: bool = True,
-    shaping: float = 0.1,
+    shaping: float | None = 0.1,
     importance_sampling_ratio: torch.Tensor | None = None,
     ref_per_token_logps: torch.Tensor | None = None,
     beta: float = 0.0,
@@ -53,7 +53,8 @@ def exgrpo_per_token_loss(
         replay_mask: (B,) bool, True on replayed rows.
         epsilon_low, epsilon_high: clipping range of fresh tokens when `clip_fresh`.
         clip_fresh: whether fresh tokens are clipped.
-        shaping: s in f(w) = w / (w + s), > 0.
+        shaping: s in f(w) = w / (w + s), > 0; `None` uses the plain, unclipped ratio w (no policy shaping, the
+            paper's ablation).
         importance_sampling_ratio: (B, T) or (B, 1) vLLM correction, applied to fresh rows only.
         ref_per_token_logps: (B, T) log π_ref, needed when beta != 0.
         beta: KL coefficient.
@@ -65,8 +66,8 @@ def exgrpo_per_token_loss(
         fresh rows); per_token_kl (B, T) or None. Only the loss carries gradients. Padding positions are not masked:
         the caller aggregates with the mask.
     """
-    if shaping <= 0:
-        raise ValueError(f"shaping must be > 0, got {shaping}.")
+    if shaping is not None and shaping <= 0:
+        raise ValueError(f"shaping must be > 0 or None, got {shaping}.")
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     replayed = replay_mask.bool().unsqueeze(1)  # (B, 1)
@@ -84,7 +85,10 @@ def exgrpo_per_token_loss(
         fresh_loss = fresh_loss * importance_sampling_ratio
 
     log_w = torch.where(replayed, per_token_logps - stored_per_token_logps, 0.0)
-    shaped_weight = torch.sigmoid(log_w - math.log(shaping))  # = w / (w + s)
+    if shaping is None:
+        shaped_weight = torch.exp(log_w)
+    else:
+        shaped_weight = torch.sigmoid(log_w - math.log(shaping))  # = w / (w + s)
     replay_loss = -shaped_weight * advantages
 
     per_token_loss = torch.where(replayed, replay_loss, fresh_loss)

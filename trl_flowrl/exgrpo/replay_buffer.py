@@ -6,9 +6,12 @@ them), plus the set of retired questions and the one-way warm-up/replay phase. E
 holds an identical copy: the trainer feeds every copy the same calls in the same order, and every random draw comes
 from a `random.Random` the caller passes in (seeded identically on every process).
 
-Questions are identified by strings (a dataset column or a hash of the prompt, chosen by the trainer).
+Questions are identified by strings (a dataset column or a hash of the prompt, chosen by the trainer). With each
+buffered question the buffer keeps the dataset row it came from (as JSON text), so that a replay needs nothing from the
+dataset: any dataset TRL accepts, iterable ones included, can be replayed from.
 """
 
+import json
 import math
 import random
 from collections import deque
@@ -31,11 +34,43 @@ class Trajectory:
 class _Question:
     bucket: int | None = None
     trajectories: list[Trajectory] = field(default_factory=list)
+    row: str | None = None  # the dataset row, as JSON text
+
+
+def encode_row(row: dict) -> str:
+    """A dataset row as JSON text (the buffer state must stay loadable with `torch.load(weights_only=True)`)."""
+    try:
+        return json.dumps(row, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"ExGRPO stores the dataset row of each buffered question so that it can be replayed, as JSON; this row "
+            f"has a value JSON cannot hold ({error}). Convert the column to plain strings, numbers or lists first."
+        ) from error
 
 
 def bucket_weight(k: int, center: float, width: float) -> float:
     """Unnormalised Gaussian weight of bucket `k`: exp(-(k - center)² / (2 · width²))."""
     return math.exp(-((k - center) ** 2) / (2.0 * width**2))
+
+
+# The bucket weightings of the official code (k successes out of K): its default "normal" and its variants.
+QUESTION_SELECTIONS = ("gaussian", "linear", "sqrt", "linear_clip", "uniform")
+
+
+def bucket_weights(
+    ks: Sequence[int], selection: str, num_generations: int, center: float, width: float
+) -> list[float]:
+    """Unnormalised weight of each bucket k under a question selection (`"uniform"` has no bucket weights)."""
+    K = num_generations
+    if selection == "gaussian":
+        return [bucket_weight(k, center, width) for k in ks]
+    if selection == "linear":
+        return [k / K for k in ks]
+    if selection == "sqrt":
+        return [math.sqrt(k / K) for k in ks]
+    if selection == "linear_clip":
+        return [k / K if k <= K / 2 else 0.5 for k in ks]
+    raise ValueError(f"Unknown bucket weighting {selection!r}: expected one of {QUESTION_SELECTIONS[:-1]}.")
 
 
 def select_trajectory(mean_entropies: Sequence[float], selection: str) -> int:
@@ -62,6 +97,9 @@ class ReplayBuffer:
             correct completions, 1 <= k <= K - 1.
         bucket_center: centre of the Gaussian over buckets, in success counts (`None`: K / 2).
         bucket_width: its standard deviation, in success counts.
+        question_selection: how `sample_questions` draws: `"gaussian"` (the paper), the official code's other bucket
+            weightings `"linear"` (k / K), `"sqrt"` (sqrt(k / K)), `"linear_clip"` (k / K up to K / 2, then 0.5), or
+            `"uniform"` over the buffered questions (no question selection).
         max_trajectories_per_question / max_buffer_trajectories: optional caps, oldest trajectory evicted first.
 
     Not handled here: anything about the model or the distribution of work across processes. Memory: 8 bytes per
@@ -75,7 +113,11 @@ class ReplayBuffer:
         bucket_width: float = 1.0,
         max_trajectories_per_question: int | None = None,
         max_buffer_trajectories: int | None = None,
+        question_selection: str = "gaussian",
     ):
+        if question_selection not in QUESTION_SELECTIONS:
+            raise ValueError(f"question_selection must be one of {QUESTION_SELECTIONS}, got {question_selection!r}.")
+        self.question_selection = question_selection
         if num_generations < 2:
             raise ValueError(f"num_generations must be at least 2, got {num_generations}.")
         if bucket_width <= 0:
@@ -90,7 +132,8 @@ class ReplayBuffer:
         self._retired: set[str] = set()
         self._num_trajectories = 0
         self._next_serial = 0
-        # Insertion order of trajectories, for the global cap; entries of evicted trajectories are skipped lazily.
+        # Insertion order of trajectories, kept only for the global cap; entries of evicted trajectories are skipped
+        # lazily and compacted away, so the record stays within twice the live trajectories.
         self._order: deque[tuple[int, str]] = deque()
 
     # Phase -----------------------------------------------------------------------------------------------------------
@@ -104,12 +147,12 @@ class ReplayBuffer:
 
     # Groups ----------------------------------------------------------------------------------------------------------
 
-    def record_group(self, question_id: str, num_successes: int) -> None:
+    def record_group(self, question_id: str, num_successes: int, row: str | None = None) -> None:
         """Update a question from one group of K completions with `num_successes` correct ones.
 
         K correct: the question retires permanently and its trajectories are dropped (in both phases). 1..K-1 correct:
-        its bucket becomes `num_successes` (only once replay has started: no experience is kept during warm-up).
-        0 correct: nothing changes.
+        its bucket becomes `num_successes` (only once replay has started: no experience is kept during warm-up), and
+        `row` (the question's dataset row, from `encode_row`) is kept if none is yet. 0 correct: nothing changes.
         """
         if not 0 <= num_successes <= self.num_generations:
             raise ValueError(f"num_successes must be in [0, {self.num_generations}], got {num_successes}.")
@@ -121,7 +164,25 @@ class ReplayBuffer:
             if entry is not None:
                 self._num_trajectories -= len(entry.trajectories)
         elif num_successes > 0 and self.replay_started:
-            self._questions.setdefault(question_id, _Question()).bucket = num_successes
+            entry = self._questions.setdefault(question_id, _Question())
+            entry.bucket = num_successes
+            if entry.row is None:
+                entry.row = row
+
+    def needs_row(self, question_id: str) -> bool:
+        """Whether `record_group` for this question would store a row it does not have yet."""
+        entry = self._questions.get(question_id)
+        return self.replay_started and question_id not in self._retired and (entry is None or entry.row is None)
+
+    def encoded_row(self, question_id: str) -> str | None:
+        """The dataset row a buffered question came from, as JSON text (see `encode_row`), or None if not kept."""
+        entry = self._questions.get(question_id)
+        return entry.row if entry is not None else None
+
+    def row(self, question_id: str) -> dict | None:
+        """The dataset row a buffered question came from, or None if not kept."""
+        row = self.encoded_row(question_id)
+        return json.loads(row) if row is not None else None
 
     def is_retired(self, question_id: str) -> bool:
         return question_id in self._retired
@@ -149,7 +210,10 @@ class ReplayBuffer:
             if stored.token_ids.numel() == token_ids.numel() and torch.equal(stored.token_ids, token_ids):
                 return False
         entry.trajectories.append(Trajectory(token_ids.clone(), logps.clone(), self._next_serial))
-        self._order.append((self._next_serial, question_id))
+        if self.max_buffer_trajectories is not None:
+            self._order.append((self._next_serial, question_id))
+            if len(self._order) > 2 * self._num_trajectories + 64:
+                self._compact_order()
         self._next_serial += 1
         self._num_trajectories += 1
         cap = self.max_trajectories_per_question
@@ -160,6 +224,23 @@ class ReplayBuffer:
         while cap is not None and self._num_trajectories > cap:
             self._evict_oldest()
         return True
+
+    def _compact_order(self) -> None:
+        live = {t.serial for e in self._questions.values() for t in e.trajectories}
+        self._order = deque(item for item in self._order if item[0] in live)
+
+    def drop_longer_than(self, max_length: int) -> int:
+        """Drop stored trajectories of more than `max_length` tokens (e.g. after `max_completion_length` shrank).
+        Returns how many were dropped; questions left without trajectories are no longer replayable."""
+        dropped = 0
+        for entry in self._questions.values():
+            kept = [t for t in entry.trajectories if t.token_ids.numel() <= max_length]
+            dropped += len(entry.trajectories) - len(kept)
+            entry.trajectories = kept
+        self._num_trajectories -= dropped
+        if dropped and self.max_buffer_trajectories is not None:
+            self._compact_order()
+        return dropped
 
     def _evict_oldest(self) -> None:
         while self._order:
@@ -194,22 +275,37 @@ class ReplayBuffer:
         return buckets
 
     def bucket_probabilities(self) -> dict[int, float]:
-        """Probability of drawing each non-empty bucket: Gaussian weights renormalised over the non-empty buckets."""
-        weights = {k: bucket_weight(k, self.bucket_center, self.bucket_width) for k in sorted(self._buckets())}
-        total = sum(weights.values())
-        return {k: w / total for k, w in weights.items()}
+        """Probability of drawing each non-empty bucket: its weight renormalised over the non-empty buckets (for
+        `"uniform"` question selection, the share of the questions in each bucket)."""
+        buckets = self._buckets()
+        keys = sorted(buckets)
+        if self.question_selection == "uniform":
+            weights = [float(len(buckets[k])) for k in keys]
+        else:
+            weights = self._bucket_weights(keys)
+        total = sum(weights)
+        return {k: w / total for k, w in zip(keys, weights)}
+
+    def _bucket_weights(self, keys):
+        return bucket_weights(
+            keys, self.question_selection, self.num_generations, self.bucket_center, self.bucket_width
+        )
 
     def sample_questions(self, n: int, rng: random.Random) -> list[str]:
-        """Draw `n` distinct eligible questions: a bucket by Gaussian weight over the buckets that still hold
-        undrawn questions, then a question uniformly inside it. Raises if fewer than `n` questions are eligible."""
+        """Draw `n` distinct eligible questions: a bucket by its weight (`question_selection`) among the buckets that
+        still hold undrawn questions, then a question uniformly inside it; with `"uniform"`, uniformly over the eligible
+        questions (the paper's ablation without question selection). Raises if fewer than `n` are eligible."""
         buckets = self._buckets()
         available = sum(len(b) for b in buckets.values())
         if n > available:
             raise ValueError(f"Cannot draw {n} questions from a buffer with {available} eligible questions.")
+        if self.question_selection == "uniform":
+            pool = self.eligible_questions()
+            return [pool.pop(rng.randrange(len(pool))) for _ in range(n)]
         drawn = []
         for _ in range(n):
             keys = sorted(k for k, b in buckets.items() if b)
-            weights = [bucket_weight(k, self.bucket_center, self.bucket_width) for k in keys]
+            weights = self._bucket_weights(keys)
             threshold = rng.random() * sum(weights)
             chosen = keys[-1]  # guards against the float sum ending a hair below `threshold`
             cumulative = 0.0
@@ -224,10 +320,17 @@ class ReplayBuffer:
 
     # Sizes -----------------------------------------------------------------------------------------------------------
 
+    def bucket_sizes(self) -> dict[int, int]:
+        """Number of replayable questions in each bucket k = 1..K-1 (empty buckets included)."""
+        sizes = dict.fromkeys(range(1, self.num_generations), 0)
+        for k, questions in self._buckets().items():
+            sizes[k] = len(questions)
+        return sizes
+
     @property
     def num_questions(self) -> int:
         """Number of replayable questions (with at least one trajectory)."""
-        return sum(1 for e in self._questions.values() if e.trajectories and e.bucket is not None)
+        return len(self.eligible_questions())
 
     @property
     def num_trajectories(self) -> int:
@@ -241,10 +344,20 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         """Plain containers and flat tensors only, so that `torch.load(..., weights_only=True)` can read it."""
-        question_ids, buckets, traj_question, traj_serial, traj_length, ids, logps = [], [], [], [], [], [], []
+        question_ids, buckets, rows, traj_question, traj_serial, traj_length, ids, logps = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
         for index, (question_id, entry) in enumerate(self._questions.items()):
             question_ids.append(question_id)
             buckets.append(-1 if entry.bucket is None else entry.bucket)
+            rows.append(entry.row)
             for t in entry.trajectories:
                 traj_question.append(index)
                 traj_serial.append(t.serial)
@@ -256,6 +369,7 @@ class ReplayBuffer:
             "replay_started": self.replay_started,
             "question_ids": question_ids,
             "buckets": buckets,
+            "rows": rows,
             "retired": sorted(self._retired),
             "next_serial": self._next_serial,
             "trajectory_question": torch.tensor(traj_question, dtype=torch.int64),
@@ -274,9 +388,10 @@ class ReplayBuffer:
         self.replay_started = bool(state["replay_started"])
         self._retired = set(state["retired"])
         self._next_serial = int(state["next_serial"])
+        rows = state.get("rows") or [None] * len(state["question_ids"])  # states written before rows were kept
         self._questions = {
-            question_id: _Question(bucket=None if bucket < 0 else int(bucket))
-            for question_id, bucket in zip(state["question_ids"], state["buckets"])
+            question_id: _Question(bucket=None if bucket < 0 else int(bucket), row=row)
+            for question_id, bucket, row in zip(state["question_ids"], state["buckets"], rows)
         }
         lengths = state["trajectory_length"].tolist()
         ids = torch.split(state["token_ids"], lengths) if lengths else []
@@ -289,4 +404,4 @@ class ReplayBuffer:
             questions[q_index].trajectories.append(Trajectory(t_ids.clone(), t_logps.clone(), serial))
             order.append((serial, state["question_ids"][q_index]))
         self._num_trajectories = len(order)
-        self._order = deque(sorted(order))
+        self._order = deque(sorted(order)) if self.max_buffer_trajectories is not None else deque()
