@@ -1,6 +1,7 @@
 """FlowRLTrainer end to end on the tiny local model: training, the log Z head, checkpoints, PEFT, metrics."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,26 @@ def test_unscorable_completions_are_left_out(tiny_model_path, tmp_path, arithmet
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer._compute_loss(trainer.model, batch)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("objective", ["official", "matching"])
+def test_infinite_rewards_are_treated_as_unscorable(tiny_model_path, tmp_path, arithmetic_dataset, objective):
+    def sometimes_infinite(completions, **kwargs):
+        return [float("inf") if i == 0 else (-float("inf") if i == 1 else 1.0) for i in range(len(completions))]
+
+    trainer = make_trainer(
+        tiny_model_path,
+        tmp_path,
+        arithmetic_dataset,
+        reward=sometimes_infinite,
+        objective=objective,
+        reward_in_residual="reward",
+        max_steps=2,
+    )
+    trainer.train()
+    assert logged(trainer, "rewards/non_finite") == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
 
 
 @pytest.mark.multiprocess

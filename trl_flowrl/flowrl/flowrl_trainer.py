@@ -213,6 +213,14 @@ class FlowRLTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # ±inf would make every residual of its group infinite: such a reward is treated as unscorable (as None).
+        non_finite = torch.isinf(rewards_per_func)
+        self._metrics["train" if self.model.training else "eval"]["rewards/non_finite"].append(
+            non_finite.float().mean().item()
+        )
+        if non_finite.any():
+            logger.warning(f"{int(non_finite.sum())} reward(s) were ±inf; they are treated as unscorable (like None).")
+            rewards_per_func = rewards_per_func.masked_fill(non_finite, torch.nan)
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 
