@@ -104,10 +104,32 @@ def test_output_comparison():
     assert stdout_matches("0.3333333\n", "0.333333333")
     assert not stdout_matches("1000001", "1000000")  # integers compare exactly
     assert not stdout_matches("3\n4", "3")
-    assert values_equal([1, 2.0000000001], [1, 2])
+    assert values_equal([1, 2.0000000001], [1, 2.0])
     assert not values_equal(True, 1)
     assert not values_equal([1, 2], [2, 1])
     assert values_equal({"a": [1]}, {"a": [1]})
+
+
+def test_output_comparison_never_accepts_a_different_integer():
+    # Each was accepted before (issue 11): compared as floats to a 1e-6 relative tolerance.
+    assert not stdout_matches("123456790.0", "123456789")
+    assert not stdout_matches("1e-7", "0")
+    assert not stdout_matches("1.2345678901234568e16", "12345678901234567")
+    assert not stdout_matches("2.0000001 5", "2 5")
+    # The same number written differently is the same answer (LiveCodeBench's grader compares decimals).
+    assert stdout_matches("1.0 +5 1e2 -0\n", "1 5 100 0")
+    # Where the expected answer is not an integer, an error up to 1e-6 (absolute or relative) is accepted.
+    assert stdout_matches("0.1000001", "0.1") and stdout_matches("1e-7", "0.000")
+    assert stdout_matches("123456790.0", "123456789.5")
+    assert not stdout_matches("0.100002", "0.1")
+    assert not stdout_matches("nan", "0.5") and stdout_matches("inf", "inf") and not stdout_matches("inf", "1e400")
+    assert not stdout_matches("1e999999999", "0.5") and not stdout_matches("1e-999999999", "1")  # no exception
+    # Function-call results: the same rule on JSON numbers.
+    assert not values_equal(123456790.0, 123456789)
+    assert not values_equal(1e-7, 0)
+    assert not values_equal(1.2345678901234568e16, 12345678901234567)
+    assert not values_equal([1, 2.0000000001], [1, 2])
+    assert values_equal(3.0, 3) and values_equal(0.1 + 0.2, 0.3) and values_equal(1e-7, 0.0)
 
 
 def test_invalid_reward_configuration():
@@ -121,6 +143,8 @@ def test_invalid_reward_configuration():
         LocalSandbox(isolation="docker")
     with pytest.raises(ValueError, match="timeout_s"):
         SandboxLimits(timeout_s=0)
+    with pytest.raises(ValueError, match="contention_grace"):
+        SandboxLimits(contention_grace=0.5)
 
 
 class _BrokenExecutor:

@@ -60,6 +60,17 @@ class FakeSandboxFusion:
                     time.sleep(fake.delay)
                     if action is None:
                         action = ("json", 200, fake.execute(body))
+                    if action[0] == "trickle":  # a valid reply, one byte every `action[1]` seconds
+                        data = json.dumps(fake.execute(body)).encode()
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        for i in range(len(data)):
+                            self.wfile.write(data[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(action[1])
+                        return
                     if action[0] == "sleep":
                         time.sleep(action[1])
                         action = ("json", 200, fake.execute(body))
@@ -172,6 +183,40 @@ def test_request_timeout_is_retried_then_reported(fake):
     result = ex.run(SUM_OK, stdin="1 1\n", timeout_s=0.3)
     assert result.infra_error and "timed out" in result.detail.lower()
     assert time.monotonic() - start < 2 * (0.3 + 0.2) + 5
+
+
+def test_the_budget_bounds_the_whole_request(fake):
+    # A server that trickles a valid reply (one byte every 50 ms, never 1 s apart) held a request far past its budget.
+    fake.script = [("trickle", 0.05)]
+    ex = executor(fake, max_retries=0, request_margin_s=0.5)
+    start = time.monotonic()
+    result = ex.run(SUM_OK, stdin="1 1\n", timeout_s=0.5)
+    assert time.monotonic() - start < 1.0 + 1.5
+    assert result.infra_error and "timed out after 1.0 s" in result.detail
+
+
+WRONG_SHAPES = [
+    {"status": "Success", "run_result": "Finished"},
+    {"status": "Success", "run_result": ["Finished", 0]},
+    {"status": "Success", "run_result": {"status": "Finished", "return_code": 0, "stdout": 5}},
+    {"status": "Success", "run_result": {"status": "Finished", "return_code": "0", "stdout": "2\n"}},
+    {"status": "Success", "run_result": {"status": ["Finished"], "return_code": 0}},
+    {"status": "Success", "run_result": {"status": "Finished", "return_code": 0, "stdout": "2\n"}, "files": ["a"]},
+    {"status": "Success", "run_result": {"status": "Finished", "return_code": 0}, "files": {"out.txt": 5}},
+    {"status": "Failed", "run_result": None, "compile_result": "error"},
+    {"status": 1, "run_result": {"status": "Finished", "return_code": 0, "stdout": "2\n"}},
+    [{"status": "Success"}],
+]
+
+
+@pytest.mark.parametrize("reply", WRONG_SHAPES, ids=range(len(WRONG_SHAPES)))
+def test_replies_of_the_wrong_shape_are_infra_errors(fake, reply):
+    fake.script = [("json", 200, reply)]
+    result = executor(fake, max_retries=0).run(SUM_OK, stdin="1 1\n", fetch=("out.txt",))
+    assert result.infra_error and "not a run_code reply" in result.detail
+    fake.script = [("json", 200, reply)]
+    reward = CodeReward(executor(fake, max_retries=0), infra_error_score=None)
+    assert reward([f"```python\n{SUM_OK}\n```"], tests=[{"style": "stdio", "cases": SUM_TESTS["cases"][:1]}]) == [None]
 
 
 def test_unreachable_server_is_an_infra_error():

@@ -4,19 +4,29 @@ The program is the last fenced code block of the completion. Tests come in three
 `normalize_tests` from the formats the datasets use:
 
 - `stdio` (DeepCoder, LiveCodeBench stdin problems, Codeforces, TACO/APPS without `fn_name`): each case runs the
-  program in a fresh sandboxed process with the case's input on stdin; stdout must match the expected output
-  (line by line, whitespace-insensitive, decimals compared to 1e-6). Expected outputs never enter the sandbox.
+  program in a fresh sandboxed process with the case's input on stdin; stdout must match the expected output as
+  `stdout_matches` says (LiveCodeBench's rule: line by line, tokens equal as strings or as exact decimals, so never
+  a different integer; plus whitespace-insensitivity and a 1e-6 tolerance where the expected token is not an
+  integer). Expected outputs never enter the sandbox.
 - `functional` (LiveCodeBench LeetCode-style problems, PrimeIntellect `function_call`, TACO/APPS with `fn_name`): one
   process defines the program, then calls `Solution().<fn_name>` (or a top-level `<fn_name>`) on each case's
-  arguments and writes the JSON-encoded results to a file; the comparison happens here, in the trainer's process.
-  A case with no recorded result (the program exited, crashed or timed out first) fails.
-- `assert` (HumanEval+): the program, then the problem's test code, then `check(<entry_point>)`; it passes only if a
-  completion record carrying a per-run random nonce is written after `check` returned, so an early `sys.exit(0)` or
-  `os._exit(0)` cannot pass.
+  arguments and writes the JSON-encoded results to a file; the comparison (`values_equal`) happens here, in the
+  trainer's process. A case with no recorded result (the program exited, crashed or timed out first) fails.
+- `assert` (HumanEval+): the test code runs in a judge process that never loads the program; the program runs in a
+  candidate process forked before the judge reads the tests and a per-run nonce from stdin, and answers the judge's
+  calls of `<entry_point>` (and of its other top-level functions the test uses, like HumanEval's `poly`) with plain
+  values in a strict encoding (exact builtin types; numpy scalars as their Python value), decoded by the judge into
+  fresh builtin objects. The program cannot read or trace the judge (it is not dumpable, and the program has no
+  stdin or stdout), so it can neither see the expected values nor forge the verdict, `<nonce> passed`, which the
+  judge prints after `check` returned. An object whose `__eq__` is always true, an `int` subclass or a patched
+  `builtins.exec` only act in the candidate process, and an early exit or a crash fails. Not supported (the test
+  fails): tests that pass the candidate non-plain arguments (functions, objects) or look at how it mutated its
+  arguments, and functions returning other types (a numpy array, an iterator, an instance of a class).
 
-Any uncaught exception, non-zero exit, timeout or limit is a failure. An executor failure (`sandbox_error`) is an
-infrastructure error, not a wrong answer: it is counted apart and scored `infra_error_score` (default `None`, so
-TRL skips the sample).
+Any uncaught exception, non-zero exit, timeout or limit is a failure. An executor failure (`sandbox_error`, which
+includes a program starved of CPU, see `code_sandbox`) is an infrastructure error, not a wrong answer: it is counted
+apart and scored `infra_error_score` (default `None`, so TRL skips the sample). Nothing a program does makes the
+reward raise: an exception of the executor itself is logged and scored as an infrastructure error too.
 
 Example:
 ```python
@@ -37,6 +47,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation, localcontext
 
 from .code_sandbox import CodeExecutor, ExecutionResult, LocalSandbox
 from .math_reward import completion_text
@@ -155,21 +166,43 @@ def count_tests(spec: dict) -> int:
 
 # -- comparisons ---------------------------------------------------------------------------------------------------
 
+FLOAT_TOLERANCE = 1e-6
+_TOLERANCE = Decimal(str(FLOAT_TOLERANCE))
+_INTEGER = re.compile(r"[+-]?\d+")
 
-def _token_equal(a: str, b: str) -> bool:
-    if a == b:
+
+def _token_equal(got: str, expected: str) -> bool:
+    if got == expected:
         return True
-    if not any(c in a + b for c in ".eE"):  # integers and words compare exactly
+    try:
+        g, e = Decimal(got), Decimal(expected)
+    except (InvalidOperation, ValueError):
+        return False  # a word, compared exactly
+    if not (g.is_finite() and e.is_finite()):
         return False
     try:
-        x, y = float(a), float(b)
-    except ValueError:
+        with localcontext() as context:
+            context.prec = 50
+            if g == e:
+                return True  # the same number written differently: "1.0" for "1", as LiveCodeBench's grader allows
+            if _INTEGER.fullmatch(expected):
+                return False  # an integer answer must be that very integer
+            return abs(g - e) <= _TOLERANCE * max(Decimal(1), abs(e))
+    except ArithmeticError:  # an exponent beyond what decimal handles
         return False
-    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6)
 
 
 def stdout_matches(got: str, expected: str) -> bool:
-    """Line-by-line, whitespace-insensitive comparison; decimal tokens compared to a 1e-6 tolerance."""
+    """Whether a program's stdout matches the expected output.
+
+    The rule (LiveCodeBench's stdin grader, which DeepCoder also uses, with two lenient points): both outputs are
+    compared line by line, ignoring blank lines and whitespace around and between tokens (lenient point 1: the
+    reference also compares whitespace inside a line of words); a token matches if it is the same string or the same
+    number (compared exactly as decimals, so `1.0` matches `1` but `123456790.0` never matches `123456789`, nor
+    `1e-7` `0`, nor `1.2345678901234568e16` `12345678901234567`). Where the expected token is not an integer, a
+    number within `FLOAT_TOLERANCE` (1e-6) absolute or relative also matches (lenient point 2: the reference compares
+    decimals exactly; TACO-style graders and Codeforces checkers accept such an error on real-valued answers).
+    """
     got_lines = [line.split() for line in got.strip().splitlines()]
     exp_lines = [line.split() for line in expected.strip().splitlines()]
     got_lines = [line for line in got_lines if line]
@@ -182,11 +215,16 @@ def stdout_matches(got: str, expected: str) -> bool:
 
 
 def values_equal(got, expected) -> bool:
-    """JSON values equal, with floats compared to a 1e-6 tolerance (and tuples already lists)."""
+    """JSON values equal; where the expected number is a float, a float within 1e-6 (absolute or relative) also
+    matches; an expected integer must be matched exactly (tuples are already lists)."""
     if isinstance(got, bool) or isinstance(expected, bool):
         return got is expected or got == expected and type(got) is type(expected)
     if isinstance(got, int | float) and isinstance(expected, int | float):
-        return got == expected or math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-6)
+        if got == expected:
+            return True
+        if isinstance(expected, int):
+            return False
+        return math.isclose(got, expected, rel_tol=FLOAT_TOLERANCE, abs_tol=FLOAT_TOLERANCE)
     if isinstance(got, list) and isinstance(expected, list):
         return len(got) == len(expected) and all(values_equal(g, e) for g, e in zip(got, expected))
     if isinstance(got, dict) and isinstance(expected, dict):
@@ -226,20 +264,159 @@ for i, args in enumerate(spec["args"]):
     out.flush()
 """
 
+# Two processes. The judge (this program's first process) forks the candidate process before it reads anything, then
+# reads the nonce and the tests from stdin (the candidate has no stdin nor stdout by then, and cannot read or trace
+# the judge: it is not dumpable), runs the test code and writes the verdict on stdout. The candidate process loads the
+# solution and answers the judge's calls with values in a strict, tagged JSON encoding (exact builtin types only),
+# which the judge decodes into fresh builtin objects: no object of the solution ever reaches the test code, so
+# `__eq__` tricks, int subclasses and patched builtins only act in the candidate's own process.
 _ASSERT_HARNESS = """\
-import json, sys
-nonce = sys.stdin.readline().strip()
-namespace = {"__name__": "__solution__"}
-with open("solution.py") as f:
-    source = f.read()
-with open("tests.json") as f:
-    spec = json.load(f)
-exec(compile(spec["prelude"] + source, "solution.py", "exec"), namespace)
+import builtins, ctypes, json, os, sys
+
+sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != os.getcwd()]
+if hasattr(sys, "set_int_max_str_digits"):
+    sys.set_int_max_str_digits(0)
+try:
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace, no /proc/<pid>/mem or fd of the judge
+except (OSError, AttributeError):
+    pass
+
+
+def encode(value):
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if kind is list:
+        return [encode(v) for v in value]
+    if kind in (tuple, set, frozenset):
+        return {kind.__name__: [encode(v) for v in value]}
+    if kind is dict:
+        return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
+    if kind is bytes:
+        return {"bytes": value.hex()}
+    if kind is complex:
+        return {"complex": [value.real, value.imag]}
+    if kind.__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return encode(value.item())
+    raise TypeError(f"a {kind.__name__} cannot leave the candidate process")
+
+
+SEQUENCES = {"tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def decode(value):
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if kind is list:
+        return [decode(v) for v in value]
+    if kind is dict and len(value) == 1:
+        ((tag, body),) = value.items()
+        if tag in SEQUENCES and type(body) is list:
+            return SEQUENCES[tag](decode(v) for v in body)
+        if tag == "dict" and type(body) is list and all(type(p) is list and len(p) == 2 for p in body):
+            return {decode(k): decode(v) for k, v in body}
+        if tag == "bytes" and type(body) is str:
+            return bytes.fromhex(body)
+        if tag == "complex" and type(body) is list and len(body) == 2:
+            return complex(float(body[0]), float(body[1]))
+    raise ValueError("malformed value from the candidate process")
+
+
+def line_of(message):
+    return json.dumps(message).encode() + b"\\n"
+
+
+to_candidate, to_judge = os.pipe(), os.pipe()
+candidate = os.fork()
+if candidate == 0:
+    os.close(to_candidate[1])
+    os.close(to_judge[0])
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    requests, replies = os.fdopen(to_candidate[0], "rb"), os.fdopen(to_judge[1], "wb")
+    namespace = {"__name__": "__solution__"}
+    try:
+        with open("prelude.py") as f:
+            prelude = f.read()
+        with open("solution.py") as f:
+            source = f.read()
+        exec(compile(prelude + source, "solution.py", "exec"), namespace)
+        names = [name for name, value in list(namespace.items()) if type(name) is str and callable(value)]
+        hello = {"loaded": True, "names": names}
+    except BaseException as exc:
+        hello = {"loaded": False, "error": type(exc).__name__}
+    try:
+        replies.write(line_of(hello))
+        replies.flush()
+        for request in requests:
+            try:
+                call = json.loads(request)
+                value = namespace[call["name"]](*decode(call["args"]), **decode(call["kwargs"]))
+                reply = {"value": encode(value)}
+            except BaseException as exc:
+                reply = {"error": type(exc).__name__}
+            replies.write(line_of(reply))
+            replies.flush()
+    finally:
+        os._exit(0)
+
+os.close(to_candidate[0])
+os.close(to_judge[1])
+requests, replies = os.fdopen(to_candidate[1], "wb"), os.fdopen(to_judge[0], "rb")
+nonce, _, payload = sys.stdin.buffer.read().partition(b"\\n")
+spec = json.loads(payload)
+
+
+def receive():
+    line = replies.readline(1 << 26)
+    if not line.endswith(b"\\n"):
+        raise RuntimeError("the candidate process stopped answering")
+    return json.loads(line)
+
+
+def remote(name):
+    def call(*args, **kwargs):
+        requests.write(line_of({"name": name, "args": encode(list(args)), "kwargs": encode(kwargs)}))
+        requests.flush()
+        reply = receive()
+        if "error" in reply:
+            error = getattr(builtins, str(reply["error"]), None)
+            if isinstance(error, type) and issubclass(error, Exception):
+                raise error("raised by the candidate")
+            raise RuntimeError(f"the candidate raised {reply['error']}")
+        return decode(reply["value"])
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+hello = receive()
+if not hello.get("loaded"):
+    sys.exit(f"the solution did not load: {hello.get('error')}")
+namespace = {"__name__": "__test__"}
+for name in hello.get("names", []):
+    # Helpers of the solution the test code may call (e.g. HumanEval's `poly`); the test's own names and the
+    # builtins win.
+    if type(name) is str and name.isidentifier() and not hasattr(builtins, name):
+        namespace[name] = remote(name)
+exec(compile(spec["prelude"], "prelude.py", "exec"), namespace)
 exec(compile(spec["test"], "test.py", "exec"), namespace)
-namespace["check"](namespace[spec["entry_point"]])
-with open("done.json", "w") as f:
-    json.dump({"nonce": nonce}, f)
+namespace["check"](remote(spec["entry_point"]))
+os.kill(candidate, 9)
+sys.stdout.write(nonce.decode() + " passed\\n")
+sys.stdout.flush()
 """
+
+
+def _execute(executor: CodeExecutor, code: str, **kwargs) -> ExecutionResult:
+    """`executor.run`, with an exception turned into an infrastructure error: the reward never raises for a program."""
+    try:
+        return executor.run(code, **kwargs)
+    except Exception as exc:
+        logger.exception("The code executor raised; the program is scored as an infrastructure error.")
+        return ExecutionResult("sandbox_error", detail=f"the executor raised {type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -271,10 +448,12 @@ def run_tests(
     if style == "stdio":
         return _run_stdio(code, spec, executor, timeout_per_test, stop_at_first_failure)
     total = count_tests(spec)
+    prelude = spec.get("prelude") or PRELUDE
     timeout = min(max_total_timeout, timeout_per_test * max(1, total))
     if style == "functional":
         cases = {"fn_name": spec["fn_name"], "args": [c["args"] for c in spec["cases"]], "prelude": PRELUDE}
-        result = executor.run(
+        result = _execute(
+            executor,
             _FUNCTIONAL_HARNESS,
             files={"solution.py": code, "cases.json": json.dumps(cases)},
             fetch=("results.jsonl",),
@@ -302,30 +481,27 @@ def run_tests(
             ):
                 passed += 1
         return TestReport(passed, total, timed_out=result.status == "timeout", details=[result.status])
-    # assert style
+    # assert style: the verdict is the judge's last line, `<nonce> passed` (see _ASSERT_HARNESS)
     nonce = secrets.token_hex(16)
-    payload = {"test": spec["test"], "entry_point": spec["entry_point"], "prelude": spec.get("prelude") or PRELUDE}
-    result = executor.run(
+    payload = {"test": spec["test"], "entry_point": spec["entry_point"], "prelude": prelude}
+    result = _execute(
+        executor,
         _ASSERT_HARNESS,
-        stdin=nonce + "\n",
-        files={"solution.py": code, "tests.json": json.dumps(payload)},
-        fetch=("done.json",),
+        stdin=nonce + "\n" + json.dumps(payload),
+        files={"solution.py": code, "prelude.py": prelude},
         timeout_s=timeout,
     )
     if result.infra_error:
         return TestReport(0, 1, infra_error=True, details=[result.detail])
-    try:
-        done = json.loads(result.files.get("done.json", "null"))
-    except ValueError:
-        done = None
-    ok = result.status == "ok" and isinstance(done, dict) and done.get("nonce") == nonce
+    lines = result.stdout.splitlines()
+    ok = result.status == "ok" and bool(lines) and lines[-1] == f"{nonce} passed"
     return TestReport(int(ok), 1, timed_out=result.status == "timeout", details=[result.status])
 
 
 def _run_stdio(code, spec, executor, timeout_per_test, stop_at_first_failure) -> TestReport:
     report = TestReport(0, len(spec["cases"]))
     for case in spec["cases"]:
-        result: ExecutionResult = executor.run(code, stdin=case["input"], timeout_s=timeout_per_test)
+        result = _execute(executor, code, stdin=case["input"], timeout_s=timeout_per_test)
         if result.infra_error:
             report.infra_error = True
             report.details.append(result.detail)
@@ -351,7 +527,8 @@ class CodeReward:
         scoring: `"all_or_nothing"` (1.0 only if every test passes, as in the FlowRL/DeepCoder recipes; stops at the
             first failing stdio case) or `"fraction"` (the fraction of tests passed).
         timeout_per_test: seconds per stdio case; function-call and assert programs get this times the number of
-            cases, capped at `max_total_timeout`.
+            cases, capped at `max_total_timeout`. For a `LocalSandbox` it is the CPU-time budget and the wall-clock
+            limit, extended for a program the machine starves of CPU (see `code_sandbox`).
         max_tests: run at most this many cases per problem (the first ones); `None` runs them all.
         no_code_score: score of a completion without a fenced code block.
         infra_error_score: score when the executor failed (not the program); `None` makes TRL skip the sample.

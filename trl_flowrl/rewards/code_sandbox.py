@@ -6,48 +6,75 @@ temporary directory that is deleted afterwards, and returns an `ExecutionResult`
 - resource limits (setrlimit): CPU time, address space, file size, open files; a process cap (RLIMIT_NPROC under a
   per-slot uid, and, as root, a pids cgroup per slot);
 - a scrubbed environment (no variable of the trainer's process reaches the program) and `python -I`;
-- a new session, a hard SIGKILL of the whole process tree at the wall-clock timeout, and capped stdout/stderr;
+- a new session, a hard SIGKILL of the whole process tree at the time limit, and capped stdout/stderr;
 - at most `max_concurrency` programs at once (the others wait);
 - where the OS allows it (detected at run time, strongest first, with a logged warning naming what is missing):
-  new mount, pid and network namespaces, every mount read-only except the work directory, a fresh /proc (the
-  trainer's processes and their environments are invisible), no network (not even loopback), no capabilities.
+  new mount, pid, network and IPC namespaces; every mount read-only, nodev and nosuid except the work directory; a
+  minimal /dev (null, zero, full, random, urandom, the std* links and a private, size-capped /dev/shm); a fresh /proc
+  (the trainer's processes and their environments are invisible); no network (not even loopback); no capabilities;
+  a seccomp filter allowing only IP sockets (so no Unix socket of the host, no vsock, no netlink) and no io_uring.
+
+Time limit. `timeout_s` is the program's CPU-time budget and its wall-clock limit. A program still running at the wall
+limit is judged from its CPU time and its run-queue wait (the time it was runnable but got no CPU, from
+/proc/<pid>/schedstat), summed over its processes and threads:
+- it used its CPU budget, or it slept or was blocked for at least half of the wall time (`time.sleep` forever, a
+  deadlock): `timeout`, the program's fault;
+- otherwise it wanted the CPU and the machine did not give it (the trainer, other programs, other jobs): it keeps
+  running, up to `contention_grace` times `timeout_s` of wall time, until it finishes (and is scored), uses its CPU
+  budget or goes idle (`timeout`); if the grace runs out first, the run is an infrastructure failure (`sandbox_error`,
+  "CPU contention"), not a wrong answer. An infinite loop that gets less than 1/`contention_grace` of a CPU is
+  reported that way too: at that level of contention the two cannot be told apart. Without schedstat (a kernel
+  without CONFIG_SCHED_INFO) or /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN) the wall limit is final.
+
+Nothing outlives the trainer: the bootstrap and the program die with it (parent-death signals, and the pid
+namespace dies with its init), and a watchdog process started with the first run removes the work directories and
+the pids cgroups (killing anything left in them) as soon as the trainer has exited, SIGKILL included. Work
+directories and cgroups left by a trainer that is gone (its lock released) are also removed at the next start.
 
 Isolation modes (`isolation="auto"` picks the first that works):
 - `namespaces` (root): the above, the program running as an unprivileged uid per slot. Needs the interpreter and its
   packages to be readable by that uid (a Python under /root is not; the mode is then skipped).
-- `bwrap` (bubblewrap installed): the same namespaces set up by bwrap; the program keeps the caller's uid, with no
-  capabilities.
-- `userns`: the same namespaces in an unprivileged user namespace; the program keeps the caller's uid (mapped), with
-  no capabilities.
-- `none`: only rlimits, the session, the scrubbed environment and (as root) the uid drop.
+- `bwrap` (bubblewrap installed): new user/pid/net/ipc/uts namespaces and a minimal /dev set up by bwrap, and the
+  same seccomp filter (`--seccomp`); the program keeps the caller's uid, with no capabilities.
+- `userns`: the same namespaces as `namespaces` in an unprivileged user namespace; the program keeps the caller's uid
+  (mapped), with no capabilities.
+- `none`: only rlimits, the session, the scrubbed environment and (as root) the uid drop, after which the SysV IPC
+  objects the slot's uid created are removed.
 
 What this sandbox does NOT protect against:
 - kernel exploits: the program shares the host kernel (namespaces are not a VM); use the remote executor, a container
   or a VM for code you believe to be actively malicious rather than merely buggy or reward-hacking;
 - reading files: the whole file system stays readable (read-only), subject to the program's uid: in `bwrap`,
-  `userns` and `none` modes it can read whatever the trainer's user can (e.g. a hub token in the home directory);
+  `userns` and `none` modes it can read whatever the trainer's user can (e.g. a hub token in the home directory; in
+  `userns` mode as root that includes root-only files);
+- disk use: each file is capped at `file_size_mb`, but not their number; a program can fill the work directory's
+  file system (the system temp dir, or `work_root`) until its time is up;
 - CPU and memory contention with the trainer: memory is limited per process (`memory_mb` each, up to the process
-  cap), CPU time per process, and nothing reserves cores for the trainer;
+  cap, plus /dev/shm up to `file_size_mb`), CPU time per process, and nothing reserves cores for the trainer;
 - fork bombs where there is no process cap: in `bwrap`/`userns` modes without root (no pids cgroup) they are bounded
   only by the pid namespace teardown at the timeout; RLIMIT_NPROC is not used there, as it would count the trainer's
   own threads;
-- anything in `none` mode beyond the limits: network access, writes wherever the user may write, reading other
-  processes' environments, processes that leave the session before the timeout kill;
-- programs that attack the test harness from inside: in the function-call and assert styles the program shares its
-  interpreter with the harness. Expected outputs of function-call tests never enter the sandbox (results are
-  compared in the trainer's process), but an assert-style test (HumanEval+) carries its expected values into the
-  sandbox, and a program written to read them or to introspect the harness's frames could forge a pass.
+- anything in `none` mode beyond the limits: network and Unix sockets, writes wherever the user may write, reading
+  other processes' environments, SysV IPC and POSIX message queues (removed afterwards only as root with the uid
+  drop), processes that leave the session (killed at the end of the run only as root, through the pids cgroup);
+- a program that attacks the function-call harness from inside: it shares its interpreter, but it only produces the
+  results, which are compared in the trainer's process, so at most it fails itself. Assert-style tests (HumanEval+)
+  run in a separate harness process that the program cannot read or trace (see `code_reward`); in `none` mode as
+  root without the uid drop the program could still trace it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import fcntl
 import itertools
 import json
 import logging
 import os
 import queue
+import secrets
 import select
 import selectors
 import shutil
@@ -61,12 +88,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ._sandbox_boot import cgroup_pids, lock_is_free, remove_cgroup, remove_tree
+
 
 logger = logging.getLogger(__name__)
 
 _BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_boot.py")
 ISOLATION_MODES = ("auto", "namespaces", "bwrap", "userns", "none")
 _STATUSES = ("ok", "error", "timeout", "output_limit", "sandbox_error")
+_OWNER_PREFIX = "trl-flowrl-sandbox-"
+_CGROUP_V1_PIDS = "/sys/fs/cgroup/pids"
+_CGROUP_PREFIX = "trl-flowrl-pids-"
 
 
 @dataclass
@@ -74,8 +106,10 @@ class ExecutionResult:
     """The outcome of one program run.
 
     `status`: `"ok"` (exit code 0), `"error"` (non-zero exit, uncaught exception, killed by a limit), `"timeout"`
-    (wall clock), `"output_limit"` (stdout/stderr over the cap), or `"sandbox_error"` (the executor itself failed:
-    an infrastructure problem, not the program's fault). `files` holds the fetched files that exist (text, capped).
+    (time limit, see the module docstring), `"output_limit"` (stdout/stderr over the cap), or `"sandbox_error"` (the
+    executor itself failed, or the machine starved the program of CPU: an infrastructure problem, not the program's
+    fault). `files` holds the fetched files that exist (text, capped). `cpu_s`: the program's CPU seconds, when they
+    were measured (at the wall-clock limit).
     """
 
     status: str
@@ -85,6 +119,7 @@ class ExecutionResult:
     wall_s: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
     detail: str = ""
+    cpu_s: float | None = None
 
     @property
     def infra_error(self) -> bool:
@@ -106,7 +141,8 @@ class CodeExecutor(Protocol):
 
 @dataclass
 class SandboxLimits:
-    """Per-program limits. `timeout_s` is wall clock; CPU time is limited to the same number of seconds."""
+    """Per-program limits. `timeout_s` is both the CPU-time budget and the wall-clock limit; a program starved of CPU
+    gets up to `contention_grace` times that much wall time (see the module docstring)."""
 
     timeout_s: float = 10.0
     memory_mb: int = 1024
@@ -114,11 +150,14 @@ class SandboxLimits:
     file_size_mb: int = 16
     open_files: int = 64
     max_output_bytes: int = 16 * 1024 * 1024
+    contention_grace: float = 3.0
 
     def __post_init__(self):
         for name in ("timeout_s", "memory_mb", "max_processes", "file_size_mb", "open_files", "max_output_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}.")
+        if not self.contention_grace >= 1:
+            raise ValueError(f"SandboxLimits.contention_grace must be >= 1, got {self.contention_grace!r}.")
 
 
 def _clean_env(workdir: str) -> dict[str, str]:
@@ -134,6 +173,117 @@ def _clean_env(workdir: str) -> dict[str, str]:
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
+
+
+# -- what this process owns, and its clean-up watchdog -------------------------------------------------------------
+
+
+class _Owner:
+    """Per process: one locked directory per work root (holding the run directories), the locks of the pids cgroups,
+    and the clean-up watchdog (`_sandbox_boot.cleanup_after`), which is told about each of them.
+
+    The flock of a directory is released by the kernel when its holder dies, however it dies: that is how the next
+    start tells leftovers of a dead trainer from those of a live one (also across pid namespaces sharing /tmp).
+    """
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.dirs: dict[str, tuple[str, int]] = {}
+        self.cgroups: list[tuple[str, int]] = []
+        self.watchdog_fd: int | None = None
+        self.watchdog: subprocess.Popen | None = None
+
+    def close_inherited(self) -> None:
+        """In a forked child: drop the parent's descriptors (never unlocking: the parent still holds the locks)."""
+        fds = [fd for _, fd in self.dirs.values()] + [fd for _, fd in self.cgroups]
+        for fd in [*fds, self.watchdog_fd]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _tell(self, kind: str, path: str) -> None:
+        if self.watchdog_fd is None:
+            read_end, self.watchdog_fd = os.pipe()
+            try:
+                self.watchdog = subprocess.Popen(
+                    [sys.executable, "-I", "-S", _BOOT, "--cleanup", str(read_end)],
+                    pass_fds=(read_end,),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                logger.warning(
+                    "Cannot start the sandbox clean-up watchdog (%s): leftovers wait for the next start.", exc
+                )
+            finally:
+                os.close(read_end)
+        with contextlib.suppress(OSError):
+            os.write(self.watchdog_fd, f"{kind} {path}\n".encode())
+
+    def owner_dir(self, work_root: str) -> str:
+        with self.lock:
+            if work_root in self.dirs:
+                return self.dirs[work_root][0]
+            _sweep_stale_dirs(work_root)
+            # Locked under a name the sweep ignores, then renamed: a sweep never sees it unlocked.
+            pending = tempfile.mkdtemp(prefix=".trl-flowrl-new-", dir=work_root)
+            fd = os.open(pending, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            path = os.path.join(work_root, f"{_OWNER_PREFIX}{self.pid}-{secrets.token_hex(4)}")
+            os.rename(pending, path)
+            os.chmod(path, 0o711)  # the slot uids must reach their own run directories inside
+            self.dirs[work_root] = (path, fd)
+            self._tell("dir", path)
+            return path
+
+    def add_cgroup(self, path: str, fd: int) -> None:
+        with self.lock:
+            self.cgroups.append((path, fd))
+            self._tell("cgroup", path)
+
+    def remove_all(self) -> None:
+        """At interpreter exit: what the watchdog would do, done right away."""
+        if self.pid != os.getpid():
+            return
+        for path, _ in self.dirs.values():
+            remove_tree(path)
+        _remove_cgroups([path for path, _ in self.cgroups])
+
+
+_owner_state = _Owner()
+
+
+def _owner() -> _Owner:
+    return _owner_state
+
+
+def _after_fork_in_child() -> None:
+    global _owner_state
+    _owner_state.close_inherited()
+    _owner_state = _Owner()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(lambda: _owner_state.remove_all())
+
+
+def _sweep_stale_dirs(work_root: str) -> None:
+    """Remove owner directories whose trainer is gone (nobody holds their lock)."""
+    with contextlib.suppress(OSError), os.scandir(work_root) as entries:
+        for entry in entries:
+            owned = entry.name.startswith(_OWNER_PREFIX) and entry.is_dir(follow_symlinks=False)
+            if owned and lock_is_free(entry.path):
+                remove_tree(entry.path)
+
+
+def _sweep_stale_cgroups() -> None:
+    with contextlib.suppress(OSError), os.scandir(_CGROUP_V1_PIDS) as entries:
+        for entry in entries:
+            if entry.name.startswith(_CGROUP_PREFIX) and lock_is_free(entry.path):
+                remove_cgroup(entry.path, wait_s=1.0)
 
 
 class LocalSandbox:
@@ -234,7 +384,10 @@ class LocalSandbox:
                 return mode, drop
             reason = result.detail or result.stderr.strip()[-200:]
             if drop and "Permission denied" in reason:
-                reason += f"; the interpreter {self.python} and its packages must be readable by an unprivileged uid"
+                reason += (
+                    f"; the interpreter {self.python} and its packages must be readable, and the work root "
+                    f"{self.work_root} traversable, by an unprivileged uid"
+                )
             failures.append(f"{mode} unavailable ({reason})")
         raise RuntimeError(f"No sandbox isolation mode works here: {'; '.join(failures)}")
 
@@ -259,22 +412,34 @@ class LocalSandbox:
     def _run_with_mode(self, mode, slot, code, stdin, files, fetch, timeout_s) -> ExecutionResult:
         isolation, drop_uid = mode
         timeout_s = float(timeout_s or self.limits.timeout_s)
-        workdir = tempfile.mkdtemp(prefix="trl-flowrl-sbx-", dir=self.work_root)
-        uid = gid = None
+        files = {**files, "main.py": code}
+        for name in files:
+            if os.path.basename(name) != name or name in ("", ".", ".."):
+                raise ValueError(f"Sandbox file names must be plain names, got {name!r}.")
+        uid = gid = self.uid_base + slot if drop_uid else None
         try:
-            for name, text in {**files, "main.py": code}.items():
-                if os.path.basename(name) != name or name in ("", ".", ".."):
-                    raise ValueError(f"Sandbox file names must be plain names, got {name!r}.")
+            workdir = tempfile.mkdtemp(prefix="run-", dir=_owner().owner_dir(self.work_root))
+        except OSError as exc:
+            return ExecutionResult(
+                "sandbox_error", detail=f"cannot create a work directory in {self.work_root}: {exc}"
+            )
+        try:
+            for name, text in files.items():
                 with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
                     f.write(text)
             if drop_uid:
-                uid = gid = self.uid_base + slot
-                for name in [".", *os.listdir(workdir)]:
+                for name in [".", *files]:
                     os.chown(os.path.join(workdir, name), uid, gid)
             os.chmod(workdir, 0o700)
             return self._execute(isolation, uid, gid, slot, workdir, stdin, fetch, timeout_s)
+        except OSError as exc:
+            return ExecutionResult("sandbox_error", detail=f"cannot prepare the work directory {workdir}: {exc}")
         finally:
-            shutil.rmtree(workdir, onerror=_force_remove)
+            # Whatever the program left there (any depth, any permissions): never an exception out of the reward.
+            if not remove_tree(workdir):
+                logger.warning("Could not remove the sandbox work directory %s entirely.", workdir)
+            if uid is not None and isolation == "none":
+                _remove_sysv_ipc(uid)  # elsewhere the IPC namespace took them away
 
     def _slot_cgroup(self, slot: int) -> str | None:
         if self._cgroups[0] is not None and self._cgroups_pid != os.getpid():
@@ -289,7 +454,8 @@ class LocalSandbox:
         limits = self.limits
         cpu = max(1, int(timeout_s + 0.999))
         rlimits = {
-            "RLIMIT_CPU": cpu,
+            # SIGXCPU at the budget (reported as a timeout), SIGKILL a second later if the program ignores it.
+            "RLIMIT_CPU": [cpu, cpu + 1],
             "RLIMIT_AS": limits.memory_mb * 1024 * 1024,
             "RLIMIT_FSIZE": limits.file_size_mb * 1024 * 1024,
             "RLIMIT_NOFILE": limits.open_files,
@@ -304,6 +470,7 @@ class LocalSandbox:
         status_r, status_w = os.pipe()
         config = {
             "status_fd": status_w,
+            "parent": os.getpid(),
             "isolation": "none" if isolation == "bwrap" else isolation,
             "wrapped": isolation == "bwrap",
             "workdir": workdir,
@@ -313,6 +480,7 @@ class LocalSandbox:
             "argv": argv,
             "cgroup": self._slot_cgroup(slot),
             "env": env,
+            "shm_mb": limits.file_size_mb,
         }
         start = time.monotonic()
         try:
@@ -333,23 +501,65 @@ class LocalSandbox:
             os.close(status_w)
         run = _Run(proc, status_r, limits.max_output_bytes, self._slot_cgroup(slot), wrapped=isolation == "bwrap")
         try:
-            outcome = run.communicate(stdin.encode(), start + timeout_s)
+            outcome = run.communicate(stdin.encode(), start, timeout_s, limits.contention_grace)
         finally:
             run.close()
         wall = time.monotonic() - start
         stdout = run.out[1].decode("utf-8", errors="replace")
         stderr = run.out[2].decode("utf-8", errors="replace")[-8192:]
+        cpu_s = run.usage[0] if run.usage else None
         if not run.exec_started:
             detail = run.status_error or f"sandbox set-up failed (exit {proc.returncode})"
             return ExecutionResult("sandbox_error", proc.returncode, stdout, stderr, wall, detail=detail)
+        if outcome == "contention":
+            detail = (
+                f"CPU contention: after {wall:.1f} s of wall time the program had had {run.usage[0]:.2f} s of CPU "
+                f"and waited {run.usage[1]:.1f} s for one (its limit: {timeout_s:g} s); the machine is overloaded"
+            )
+            logger.warning("Sandbox run not scored: %s.", detail)
+            return ExecutionResult("sandbox_error", proc.returncode, stdout, stderr, wall, detail=detail, cpu_s=cpu_s)
         fetched = {name: text for name in fetch if (text := _read_regular_file(workdir, name)) is not None}
+        if outcome is None and proc.returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+            outcome = "timeout"  # killed by RLIMIT_CPU: it used its CPU-time budget
         if outcome is None:
             outcome = "ok" if proc.returncode == 0 else "error"
-        return ExecutionResult(outcome, proc.returncode, stdout, stderr, wall, fetched)
+        return ExecutionResult(outcome, proc.returncode, stdout, stderr, wall, fetched, cpu_s=cpu_s)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_usage(root: int) -> tuple[float, float] | None:
+    """(CPU seconds, run-queue wait seconds) of the live processes under `root` (itself included) and of the children
+    they reaped; None where the kernel keeps no run-queue statistics."""
+    cpu = wait = 0.0
+    measured = False
+    stack, seen = [root], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                text = f.read()
+            fields = text[text.rindex(")") + 2 :].split()
+            cpu += sum(int(x) for x in fields[11:15]) / _CLOCK_TICKS  # utime, stime, cutime, cstime
+            tids = os.listdir(f"/proc/{pid}/task")
+        except (OSError, ValueError):
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    wait += int(f.read().split()[1]) / 1e9
+                measured = True
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                stack.extend(int(child) for child in f.read().split())
+    return (cpu, wait) if measured else None
 
 
 class _Run:
-    """Feeds stdin, collects capped stdout/stderr and the start-up status, and kills the tree at the deadline."""
+    """Feeds stdin, collects capped stdout/stderr and the start-up status, and kills the tree at the time limit."""
 
     def __init__(self, proc, status_fd: int, max_output: int, cgroup: str | None = None, wrapped: bool = False):
         self.proc, self.status_fd, self.max_output, self.cgroup = proc, status_fd, max_output, cgroup
@@ -359,6 +569,7 @@ class _Run:
         self.init_pidfd: int | None = None
         self.exec_started = False
         self.status_error = ""
+        self.usage: tuple[float, float] | None = None
 
     def _on_status(self, chunk: bytes) -> None:
         self.status_buffer += chunk
@@ -389,6 +600,11 @@ class _Run:
                 self.proc.wait(timeout=5.0)
         with contextlib.suppress(OSError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.cgroup is not None and self.init_pidfd is None:
+            # No pid namespace (`none`, or bwrap once it is gone): what left the session is still in the cgroup.
+            for pid in cgroup_pids(self.cgroup):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
     def wait_until_empty(self) -> None:
         """Without a pidfd (bwrap), wait for the slot's cgroup to empty (after the bootstrap was reaped)."""
@@ -397,8 +613,19 @@ class _Run:
             while time.monotonic() < deadline and _cgroup_tasks(self.cgroup) > 0:
                 time.sleep(0.01)
 
-    def communicate(self, stdin: bytes, deadline: float) -> str | None:
-        """Returns `"timeout"` or `"output_limit"` if the run was killed for it, else None once it has exited."""
+    def _over_time(self, elapsed: float, budget: float, final: bool) -> str | None:
+        """At or past the wall limit: `"timeout"`, `"contention"`, or None to let a CPU-starved program go on."""
+        self.usage = _tree_usage(self.proc.pid)
+        if self.usage is None or not self.exec_started:
+            return "timeout"
+        cpu, wait = self.usage
+        if cpu >= budget or cpu + wait < 0.5 * elapsed:
+            return "timeout"  # it had its CPU time, or it did not want it (asleep, blocked)
+        return "contention" if final else None
+
+    def communicate(self, stdin: bytes, start: float, budget: float, grace: float = 1.0) -> str | None:
+        """Returns `"timeout"`, `"output_limit"` or `"contention"` if the run was killed for it, else None once it has
+        exited. `budget` is the wall-clock limit and CPU-time budget, `grace` the starved program's allowance."""
         sel = selectors.DefaultSelector()
         proc = self.proc
         sel.register(proc.stdout, selectors.EVENT_READ, 1)
@@ -410,14 +637,23 @@ class _Run:
             sel.register(proc.stdin, selectors.EVENT_WRITE, 3)
         else:
             proc.stdin.close()
+        deadline, backstop = start + budget, start + budget * max(1.0, grace)
         verdict = None
         try:
-            while len(sel.get_map()) > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    verdict = "timeout"
-                    break
-                for key, _ in sel.select(min(remaining, 1.0)):
+            while verdict is None:
+                now = time.monotonic()
+                if now >= deadline:
+                    verdict = self._over_time(now - start, budget, now >= backstop)
+                    deadline = min(now + 0.2, backstop)
+                    continue
+                wait_s = min(deadline - now, 1.0)
+                if not sel.get_map():
+                    # Pipes closed (by the program or at its exit): wait for the process itself.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=wait_s)
+                        break
+                    continue
+                for key, _ in sel.select(wait_s):
                     if key.data == 3:
                         try:
                             written = os.write(key.fd, pending[: 1 << 16])
@@ -438,19 +674,16 @@ class _Run:
                         if len(self.out[key.data]) > self.max_output:
                             verdict = "output_limit"
                             break
-                if verdict:
-                    break
         finally:
             sel.close()
         if verdict:
             self.kill()
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()) + (5.0 if verdict else 1.0))
-        except subprocess.TimeoutExpired:
-            verdict = verdict or "timeout"
-            self.kill()
-            proc.wait()
-        # Pipes closed but a background child of the program still alive: the tree goes at the end of the run.
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                proc.wait()
+        # A background child of the program may still be alive: the tree goes at the end of the run.
         self.kill()
         self.wait_until_empty()
         return verdict
@@ -466,7 +699,6 @@ class _Run:
                 os.close(self.init_pidfd)
 
 
-_CGROUP_V1_PIDS = "/sys/fs/cgroup/pids"
 _cgroup_ids = itertools.count()
 
 
@@ -492,13 +724,20 @@ def _make_pids_cgroups(count: int, max_tasks: int) -> list[str | None]:
     """One cgroup-v1 pids cgroup per slot capping its task count (as root); `[None] * count` where unavailable.
 
     RLIMIT_NPROC does not apply to root's uid, so this is what stops a fork bomb of a program that keeps uid 0 (the
-    `userns` mode as root). Removed at interpreter exit.
+    `userns` mode as root). Each is flock'ed for as long as this process lives, removed at interpreter exit, by the
+    watchdog if this process is killed, or at the next start if both were.
     """
+    if not os.path.isdir(_CGROUP_V1_PIDS):
+        return [None] * count
+    _sweep_stale_cgroups()
     paths: list[str | None] = []
     try:
         for slot in range(count):
-            path = os.path.join(_CGROUP_V1_PIDS, f"trl-flowrl-sandbox-{os.getpid()}-{next(_cgroup_ids)}-{slot}")
+            path = os.path.join(_CGROUP_V1_PIDS, f"{_CGROUP_PREFIX}{os.getpid()}-{next(_cgroup_ids)}-{slot}")
             os.mkdir(path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _owner().add_cgroup(path, fd)
             paths.append(path)
             with open(os.path.join(path, "pids.max"), "w") as f:
                 f.write(str(max_tasks))
@@ -517,6 +756,28 @@ def _remove_cgroups(paths, owner: int | None = None) -> None:
             os.rmdir(path)
 
 
+_IPC_RMID = 0
+_SYSV_IPC = (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid"))
+
+
+def _remove_sysv_ipc(uid: int) -> None:
+    """Remove the SysV shared memory segments, semaphore sets and message queues created by `uid` (`none` mode)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    remove = {"shm": lambda i: libc.shmctl(i, _IPC_RMID, None), "sem": lambda i: libc.semctl(i, 0, _IPC_RMID)}
+    remove["msg"] = lambda i: libc.msgctl(i, _IPC_RMID, None)
+    for kind, id_column in _SYSV_IPC:
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                header, *rows = [line.split() for line in f]
+            at_id, at_cuid = header.index(id_column), header.index("cuid")
+        except (OSError, ValueError):
+            continue
+        for row in rows:
+            with contextlib.suppress(ValueError, IndexError):
+                if int(row[at_cuid]) == uid:
+                    remove[kind](int(row[at_id]))
+
+
 def _read_regular_file(workdir: str, name: str, cap: int = 8 * 1024 * 1024) -> str | None:
     """Read a file the program wrote, refusing symlinks, FIFOs and devices (the program controls what is there)."""
     try:
@@ -530,11 +791,3 @@ def _read_regular_file(workdir: str, name: str, cap: int = 8 * 1024 * 1024) -> s
         return data.decode("utf-8", errors="replace")
     finally:
         os.close(fd)
-
-
-def _force_remove(function, path, _exc) -> None:
-    # A program may have removed the write permission of directories it created.
-    with contextlib.suppress(OSError):
-        os.chmod(os.path.dirname(path), 0o700)
-        os.chmod(path, 0o700)
-        function(path)
