@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import time
 
 import pytest
 from datasets import Dataset, DatasetDict
@@ -286,3 +288,24 @@ def test_arithmetic_benchmark_adapter():
     assert [g.correct for g in grades[0]] == [True, True, False]
     ids = benchmark.path_ids([texts, ["x"], ["x"]])
     assert ids[0][:2] == list(paths)[:2] and ids[0][2] is None
+
+
+def test_boxed_grader_is_linear_on_unclosed_boxes():
+    # Scanning to the end from each `\boxed{` took 57 s for 56k characters, in the evaluating process.
+    grade = boxed_grader()
+    for text, answer in [("\\boxed{" * 30_000, None), ("\\boxed{7} " + "\\boxed{\\frac{1}{" * 13_000, "7")]:
+        start = time.monotonic()
+        assert grade(text, {"solution": "7"}).answer == answer
+        assert time.monotonic() - start < 1.0
+    assert grade("\\boxed{\\boxed{7}}", {"solution": "7"}).answer == "7"
+    assert grade("\\boxed{a\\}", {"solution": "7"}).answer == "a\\"  # braces count even when escaped, as before
+
+
+def test_missing_or_empty_local_dataset_says_what_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for missing in ["data/my_set.jsonl", "my_set.parquet", "./saved_set", str(tmp_path / "nowhere")]:
+        with pytest.raises(FileNotFoundError, match=f"No dataset file or folder '{re.escape(missing)}'"):
+            load_benchmark(missing)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="'empty.jsonl' is empty"):
+        load_benchmark("empty.jsonl")

@@ -179,6 +179,14 @@ def test_command_argument_errors(capsys):
     assert "math500" in capsys.readouterr().out
 
 
+def test_command_with_a_wrong_model_path_says_so(local_dataset, tmp_path):
+    # It said "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    for model in [str(tmp_path / "no" / "such" / "model"), "runs/x/checkpoint-1"]:
+        with pytest.raises(FileNotFoundError, match="does not exist.*give a checkpoint directory"):
+            main(["--model", model, "--benchmarks", local_dataset, "--backend", "transformers", "--no-plots"])
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_plots_say_how_to_install_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

@@ -1,6 +1,7 @@
 """Sampling k completions per prompt: the transformers backend on the tiny model, the vLLM backend on a fake vLLM."""
 
 import importlib.machinery
+import re
 import sys
 import types
 
@@ -161,3 +162,20 @@ def test_vllm_backend_is_used_when_installed(fake_vllm, tiny_model_path):
 def test_auto_backend_falls_back_to_transformers_for_a_model_instance(fake_vllm, generator):
     assert load_generator(generator.model, tokenizer=generator.tokenizer).backend == "transformers"
     assert "engine" not in fake_vllm
+
+
+def test_check_model_path_says_what_is_wrong(tiny_model_path, tmp_path, monkeypatch):
+    from trl_flowrl.evaluation.generation import check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "flowrl" / "checkpoint-20").mkdir(parents=True)
+    check_model_path(tiny_model_path)  # a checkpoint directory
+    for missing in ["/nonexistent/model", "./nope", "~/nope", "runs/x/checkpoint-1", "runs/grpo", "my model"]:
+        with pytest.raises(FileNotFoundError, match=f"The model path '{re.escape(missing)}' does not exist"):
+            check_model_path(missing)
+    with pytest.raises(FileNotFoundError, match=r"no config.json.*checkpoint-20"):
+        check_model_path("runs/flowrl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download org/model"):
+        check_model_path("org/model")  # a hub id, not cached, offline
+    check_model_path("org/model", offline_hub=False)  # left to from_pretrained

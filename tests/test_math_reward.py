@@ -1,6 +1,7 @@
 """Math reward: equivalence by math-verify in killable workers, outcomes kept apart, both answer formats."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -153,6 +154,7 @@ def test_pathological_latex_times_out_within_bound(verifier, name):
 def test_hard_deadline_kills_the_worker_and_replaces_it():
     # math-verify's own timeout (5 s) is longer than the hard deadline: only the kill can stop this one.
     verifier = MathVerifier(parse_timeout=5, verify_timeout=5, hard_timeout=0.5, num_workers=1)
+    verifier.grade_one(r"\boxed{1}", "1")  # start the worker first: start-up is not charged to a request
     restarts = verifier.pool.restarts
     start = time.monotonic()
     grade = verifier.grade_one(PATHOLOGICAL["enormous_sum"], "3")
@@ -284,3 +286,242 @@ def test_reward_inside_a_grpo_trainer(tiny_model_path, arithmetic_dataset, tmp_p
     # A random tiny model writes no final answer: every completion is graded, none crashes the step.
     assert logged["math_reward/no_answer"] + logged["math_reward/wrong"] + logged["math_reward/correct"] == 1.0
     assert logged["rewards/math_accuracy/mean"] == logged["math_reward/correct"]
+
+
+# -- gold answers that are words or missing --------------------------------------------------------------------------
+
+
+def test_word_and_missing_golds_are_unparseable(verifier):
+    # math-verify reads a bare word as a product of one-letter symbols, so any anagram matched it: `None` (a missing
+    # solution turned into a string) equalled `neon`.
+    pairs = [
+        (r"\boxed{neon}", None),
+        (r"\boxed{neon}", "None"),
+        (r"\boxed{None}", "neon"),
+        (r"\boxed{sey}", "yes"),
+        (r"\boxed{3}", ""),
+        (r"\boxed{3}", "  "),
+        (r"\boxed{solution no}", "no solution"),
+        (r"\boxed{nan}", float("nan")),
+        (r"\boxed{Tuesday}", "Tuesday"),
+        (r"\boxed{xy}", "xy"),  # a run of letters cannot be told from a word: write `x y` or `x \cdot y`
+    ]
+    grades = verifier.grade([c for c, _ in pairs], [g for _, g in pairs])
+    assert [g.outcome for g in grades] == [Outcome.GOLD_UNPARSEABLE] * len(pairs), grades
+    assert "None" in grades[0].detail or "missing" in grades[0].detail
+    reward = MathAccuracyReward(**FAST)  # skipped by default
+    assert reward([r"\boxed{neon}", r"\boxed{3}"], solution=[None, "3"]) == [None, 1.0]
+
+
+SYMBOLIC_GOLDS = [
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt{3}}{2}"),
+    (r"\boxed{1 + x^2}", "x^2+1"),
+    (r"\boxed{(0, 1]}", "(0,1]"),
+    (r"\boxed{\pi}", r"\pi"),
+    (r"\boxed{b+a}", "a+b"),
+    (r"\boxed{y x}", "x y"),
+    (r"\boxed{2}", "x=2"),
+    (r"\boxed{\sin x}", r"\sin x"),
+    (r"\boxed{\log_2 3}", r"\log_{2} 3"),
+    (r"\boxed{5}", r"5\text{ cm}"),  # units are dropped by math-verify: the words leave no symbol behind
+    (r"\boxed{90}", "90 degrees"),
+    (r"\boxed{3, 4}", "3 and 4"),
+    (r"\boxed{C}", r"\text{(C)}"),
+    (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}"),  # a word in \text{} is one symbol, compared whole
+    (r"\boxed{v_{max}}", "v_{max}"),
+    (r"\boxed{12}", 12),
+]
+
+
+def test_symbolic_golds_stay_gradable(verifier):
+    grades = verifier.grade([c for c, _ in SYMBOLIC_GOLDS], [g for _, g in SYMBOLIC_GOLDS])
+    assert [g.outcome for g in grades] == [Outcome.CORRECT] * len(SYMBOLIC_GOLDS), grades
+    # A word in \text{} is compared whole: the word itself matches, an anagram does not.
+    completions = [r"\boxed{x^2}", r"\boxed{neon}", r"\boxed{enon}", r"\boxed{\text{enon}}", r"\boxed{Evelyn}"]
+    golds = ["x^2+1", r"\text{neon}", r"\text{neon}", r"\text{neon}", "Evelyn"]
+    outcomes = [g.outcome for g in verifier.grade(completions, golds)]
+    assert outcomes == [Outcome.WRONG, Outcome.CORRECT, Outcome.WRONG, Outcome.WRONG, Outcome.GOLD_UNPARSEABLE]
+
+
+# -- malformed completions -------------------------------------------------------------------------------------------
+
+
+MALFORMED = [None, [], {"role": "assistant", "content": r"\boxed{3}"}, 3, ["\\boxed{3}"], [{"role": "assistant"}]]
+
+
+def test_malformed_completions_score_as_no_answer(verifier, caplog):
+    reward = MathAccuracyReward(**FAST)
+    metrics, extra = {}, {}
+    completions = [*MALFORMED, [{"role": "assistant", "content": r"\boxed{3}"}]]
+    with caplog.at_level("WARNING", logger="trl_flowrl.rewards.math_reward"):
+        scores = reward(
+            completions, solution=["3"] * len(completions), log_metric=metrics.__setitem__, log_extra=extra.__setitem__
+        )
+    assert scores == [0.0] * len(MALFORMED) + [1.0]
+    assert extra["math_outcome"] == ["no_answer"] * len(MALFORMED) + ["correct"]
+    assert metrics["math_reward/no_answer"] == pytest.approx(len(MALFORMED) / len(completions))
+    assert "malformed completion" in caplog.text
+    # The verifier itself does not read the text of something that is not a string (a dict's repr holds `\boxed{3}`)
+    grades = verifier.grade([None, {"content": r"\boxed{3}"}], ["3", "3"])
+    assert [g.outcome for g in grades] == [Outcome.NO_ANSWER] * 2 and "malformed" in grades[1].detail
+
+
+# -- linear extraction -----------------------------------------------------------------------------------------------
+
+
+def test_extraction_is_linear_on_unclosed_boxes():
+    # `\boxed{` opened and never closed: scanning to the end from each one took 33 s for 56k characters.
+    cases = {
+        "\\boxed{" * 30_000: None,
+        "\\boxed{3} " + "\\boxed{\\frac{1}{" * 13_000: "3",
+        "{" * 100_000 + "\\boxed{4}" + "}" * 100_000: "4",
+        "Answer: " + "\\boxed{" * 30_000: "\\boxed{" * 30_000,  # no complete box in the line: the line itself
+    }
+    for text, expected in cases.items():
+        assert len(text) > 200_000
+        start = time.monotonic()
+        answer = extract_answer(text)
+        assert time.monotonic() - start < 1.0, text[:30]
+        assert answer == expected, text[:30]
+
+
+def test_extraction_unchanged_on_ordinary_text():
+    # Cases the brace scanner must keep: nesting, escaped braces, `\\` before a box, a box inside a box.
+    assert extract_answer(r"\boxed{\boxed{2}}") == "2"
+    assert extract_answer(r"\boxed{a \} b}") == r"a \} b"
+    assert extract_answer(r"x \\boxed{5}") == "5"
+    assert extract_answer(r"\boxed {7} \boxed{8") == "7"
+    assert extract_answer(r"} } \boxed{\left\{ 1 \right\}}") == r"\left\{ 1 \right\}"
+    assert extract_answer("\\boxed{1}\n\\boxed{2}\nAnswer: \\boxed{\\frac{1}{2}} words") == r"\frac{1}{2}"
+
+
+# -- the deadline covers sending; workers die with their parent ------------------------------------------------------
+
+
+ECHO_WORKER = """
+import json, sys
+print("{}", flush=True)
+for line in sys.stdin:
+    print(json.dumps({"size": len(json.loads(line)["data"])}), flush=True)
+"""
+
+
+def test_deadline_covers_sending_to_a_stopped_worker(tmp_path):
+    (tmp_path / "echo_worker.py").write_text(ECHO_WORKER)
+    pool = WorkerPool("echo_worker", num_workers=1, env={"PYTHONPATH": str(tmp_path)})
+    outcome = {}
+
+    def send_one_megabyte():
+        start = time.monotonic()
+        try:
+            outcome["reply"] = pool.request({"data": "x" * 1_000_000}, deadline_s=1.0)
+        except WorkerTimeout:
+            outcome["reply"] = "timeout"
+        outcome["seconds"] = time.monotonic() - start
+
+    try:
+        assert pool.request({"data": "x"}, deadline_s=30) == {"size": 1}
+        pid = pool._slots[0].proc.pid
+        os.kill(pid, signal.SIGSTOP)  # a stopped worker reads nothing: the pipe fills after 64 KiB
+        sender = threading.Thread(target=send_one_megabyte, daemon=True)
+        sender.start()
+        sender.join(timeout=10)
+        hung = sender.is_alive()
+        if hung:  # release the sender before failing
+            os.kill(pid, signal.SIGKILL)
+            sender.join(timeout=10)
+        assert not hung, "the request hung on a stopped worker"
+        assert outcome["reply"] == "timeout" and outcome["seconds"] < 1.0 + 2
+        assert pool.request({"data": "x" * 1_000_000}, deadline_s=30) == {"size": 1_000_000}  # a fresh worker
+        assert pool.restarts == 1
+    finally:
+        pool.close()
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of `pid` (R, S, Z, ...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_busy_worker_dies_with_its_parent():
+    script = textwrap.dedent(
+        r"""
+        import sys
+        from trl_flowrl.rewards import MathVerifier
+        verifier = MathVerifier(num_workers=1, parse_timeout=300, verify_timeout=300, hard_timeout=900)
+        verifier.grade_one(r"\boxed{1}", "1")
+        print(verifier.pool._slots[0].proc.pid, flush=True)
+        huge = "\\boxed{" + "+".join(f"x^{{{i}}}" for i in range(200_000)) + "}"
+        verifier.grade_one(huge, "3")  # minutes of parsing in the worker
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root)
+    worker = None
+    try:
+        worker = int(trainer.stdout.readline())
+        time.sleep(1.5)  # the worker is now busy on the huge request
+        assert _process_state(worker) in ("R", "S", "D")
+        trainer.kill()  # SIGKILL: no atexit, no cleanup in the parent
+        trainer.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _process_state(worker) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _process_state(worker) in (None, "Z"), "the worker outlived its parent"
+    finally:
+        trainer.kill()
+        if worker is not None and _process_state(worker) not in (None, "Z"):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_watchdog_ends_a_busy_worker_when_the_parent_pipe_closes():
+    # The fallback where PR_SET_PDEATHSIG is unavailable: the worker's reader thread sees its stdin close while the
+    # main thread is busy, and ends the process.
+    script = textwrap.dedent(
+        """
+        import time
+        from trl_flowrl.rewards._procpool import serve
+
+        def busy(request):
+            while True:
+                time.sleep(0.01)
+
+        serve(busy, die_with_parent=False)
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=root)
+    try:
+        assert worker.stdout.readline().startswith(b"{")
+        worker.stdin.write(b"{}\n")
+        worker.stdin.flush()
+        time.sleep(0.5)
+        assert worker.poll() is None  # busy on the request
+        worker.stdin.close()  # what the parent's death does to the pipe
+        assert worker.wait(timeout=5) == 0
+    finally:
+        worker.kill()
+
+
+def test_workers_started_from_a_short_lived_thread_outlive_it():
+    # PR_SET_PDEATHSIG fires when the *thread* that started the worker ends: the pool starts them on its own thread.
+    verifier = MathVerifier(num_workers=1, **FAST)
+    verifier.pool.close()  # so that the thread below starts the worker
+    thread = threading.Thread(target=lambda: verifier.pool.request({**_request(r"\boxed{1}", "1")}, 30))
+    thread.start()
+    thread.join()
+    pid = next(slot.proc.pid for slot in verifier.pool._slots if slot.proc is not None)
+    time.sleep(0.5)
+    assert _process_state(pid) not in (None, "Z")
+    restarts = verifier.pool.restarts
+    assert [g.outcome for g in verifier.grade([r"\boxed{2}"] * 2, ["2"] * 2)] == [Outcome.CORRECT] * 2
+    assert verifier.pool.restarts == restarts
+
+
+def _request(completion, gold):
+    return {"completion": completion, "gold": gold, "answer_format": "auto", "parse_timeout": 1, "verify_timeout": 1}

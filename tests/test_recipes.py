@@ -164,6 +164,26 @@ def test_a_hub_dataset_without_a_model_is_a_clear_error():
         run(GRPOTrainer, script_args, args, model_args)
 
 
+def test_a_wrong_model_path_is_a_clear_error(tmp_path, monkeypatch):
+    # It said "Your setup doesn't support bf16/gpu" (the TRL default bf16=True, checked while parsing, on a CPU).
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: /no/such/model\n")
+    embedded = CONFIGS / "embedded" / "grpo_arithmetic.yaml"
+    for argv in (
+        ["--model_name_or_path", "./nope"],
+        ["--model_name_or_path=runs/x/checkpoint-9"],
+        ["--config", str(config)],
+    ):
+        with pytest.raises(FileNotFoundError, match="does not exist.*give a checkpoint directory"):
+            parse_recipe_args(GRPOConfig, embedded, argv=argv)
+    # `run` checks too, before anything is loaded (a hub id not in the cache, offline)
+    script_args, args, model_args = parse_recipe_args(GRPOConfig, embedded, argv=["--output_dir", str(tmp_path)])
+    model_args.model_name_or_path = "org/not-cached-model"
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download org/not-cached-model"):
+        run(GRPOTrainer, script_args, args, model_args)
+
+
 @pytest.mark.parametrize(
     "recipe, paths",
     [("flowrl_math", "paths"), ("exgrpo_math", "paths"), ("grpo_math", "paths"), ("flowrl_code", "programs"),

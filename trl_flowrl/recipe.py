@@ -142,11 +142,33 @@ def parse_recipe_args(
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == flag or a.startswith(flag + "=") for a in argv for flag in ("--config", "--model_name_or_path")):
         argv = ["--config", str(embedded_config), *argv]
+    model = _model_argument(argv)
+    if model is not None:  # before the configs are built: theirs would be the first error (bf16 on a CPU, ...)
+        from trl_flowrl.evaluation.generation import check_model_path
+
+        check_model_path(model, offline_hub=False)
     parser = TrlParser((RecipeArguments, config_cls, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if script_args.dataset_name is None:
         script_args = dataclasses.replace(script_args, dataset_name=default_dataset)
     return script_args, training_args, model_args
+
+
+def _model_argument(argv: list[str]) -> str | None:
+    """`--model_name_or_path` from the command line, else from the `--config` file, else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--model_name_or_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model_name_or_path="):
+            return arg.partition("=")[2]
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        with open(argv[argv.index("--config") + 1]) as f:
+            config = yaml.safe_load(f)
+        if isinstance(config, dict) and config.get("model_name_or_path") is not None:
+            return str(config["model_name_or_path"])
+    return None
 
 
 def _load_dataset(script_args: RecipeArguments, seed: int):
@@ -250,10 +272,13 @@ def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: Mo
     """Train `trainer_cls` (GRPOTrainer or a subclass) as configured; returns the trainer."""
     from transformers import AutoTokenizer
 
+    from trl_flowrl.evaluation.generation import check_model_path
     from trl_flowrl.tasks import embedded_model_path
 
     model_path = model_args.model_name_or_path
-    if model_path is None:
+    if model_path is not None:
+        check_model_path(model_path)
+    else:
         if script_args.task is None:
             raise ValueError(
                 f"dataset_name={script_args.dataset_name!r} needs a model: pass --model_name_or_path (the embedded "

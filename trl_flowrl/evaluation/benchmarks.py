@@ -188,18 +188,15 @@ def problem_id(row: dict) -> Any:
 # -- graders --------------------------------------------------------------------------------------------------------
 
 
+_BOXED_TOKENS = re.compile(r"(?P<open>\\boxed\{)|[{}]")  # no escapes: every brace counts, as this grader always did
+
+
 def _last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` with balanced braces, or None."""
-    start = text.rfind("\\boxed{")
-    while start >= 0:
-        depth, i = 1, start + len("\\boxed{")
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{") : i - 1].strip()
-        start = text.rfind("\\boxed{", 0, start)
-    return None
+    """The content of the last `\\boxed{...}` with balanced braces, or None. Linear time (one pass)."""
+    from trl_flowrl.rewards.math_reward import last_box
+
+    box = last_box(text, _BOXED_TOKENS)
+    return None if box is None else box[1].strip()
 
 
 def _normalize_answer(answer: str) -> str:
@@ -425,6 +422,9 @@ def programs_benchmark(num_problems: int | None = None, seed: int = 0, **reward_
     )
 
 
+DATASET_EXTENSIONS = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
+
+
 def load_local_dataset(path: str):
     """A dataset from a `.json`, `.jsonl`, `.parquet` or `.csv` file, or a `save_to_disk` folder.
 
@@ -436,17 +436,25 @@ def load_local_dataset(path: str):
         loaded = datasets.load_from_disk(path)
     else:
         extension = os.path.splitext(path)[1].lower().lstrip(".")
-        builder = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv"}.get(extension)
+        builder = DATASET_EXTENSIONS.get(extension)
         if builder is None:
             raise ValueError(
                 f"Cannot read {path!r}: use a .json, .jsonl, .parquet or .csv file or a save_to_disk folder."
             )
+        if os.path.getsize(path) == 0:  # `datasets` raises a bare StopIteration on an empty file
+            raise ValueError(f"The dataset file {path!r} is empty: it needs rows with a `prompt` column.")
         loaded = datasets.load_dataset(builder, data_files=path, split="train")
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1 and "test" not in loaded:
             raise ValueError(f"{path!r} holds several splits {list(loaded)}: save the one to evaluate on its own.")
         loaded = loaded["test"] if "test" in loaded else next(iter(loaded.values()))
     return loaded
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name no built-in benchmark has: a path separator, a leading `.` or `~`, or a dataset file extension."""
+    extension = os.path.splitext(name)[1].lower().lstrip(".")
+    return "/" in name or os.sep in name or name.startswith((".", "~")) or extension in DATASET_EXTENSIONS
 
 
 def load_benchmark(
@@ -458,6 +466,12 @@ def load_benchmark(
     `math`, code sets: `code`); `grader_kwargs` go to the grader factory.
     """
     key = _canonical(name)
+    name = os.path.expanduser(name)
+    if not os.path.exists(name) and _looks_like_a_path(name):
+        raise FileNotFoundError(
+            f"No dataset file or folder {name!r} (looked for {os.path.abspath(name)}): check the path, or use a built-in "
+            f"benchmark {available_benchmarks()}."
+        )
     if os.path.exists(name):
         fn, batched = load_grader(grader or "math", **grader_kwargs)
         stem = os.path.splitext(os.path.basename(os.path.normpath(name)))[0]

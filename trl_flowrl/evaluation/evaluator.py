@@ -32,7 +32,7 @@ from typing import Any
 
 from . import metrics
 from .benchmarks import DEFAULT_MAX_NEW_TOKENS, Benchmark, load_benchmark, problem_id, prompt_text
-from .generation import Sample, load_generator
+from .generation import Sample, check_model_path, load_generator
 from .judge import JudgeClient, JudgeConfig
 
 
@@ -184,11 +184,14 @@ def _default_label(model) -> str:
 
 
 def _resolve_model(model):
-    """`embedded` (the arithmetic model) and `embedded:<task>` name the package's tiny models."""
+    """`embedded` (the arithmetic model) and `embedded:<task>` name the package's tiny models; any other path or hub
+    id is checked here (`check_model_path`), before anything is generated."""
     if isinstance(model, str) and model.split(":")[0] == "embedded" and not os.path.exists(model):
         from trl_flowrl.tasks import embedded_model_path
 
         return embedded_model_path(model.partition(":")[2] or "arithmetic")
+    if isinstance(model, str):
+        check_model_path(model)
     return model
 
 
@@ -287,6 +290,7 @@ def evaluate(
 
     Returns the results dict (also written to `output_dir/results.json`).
     """
+    models = named_models(model)  # a wrong path fails before any benchmark is loaded
     if isinstance(benchmarks, (str, Benchmark)):
         benchmarks = (
             [b.strip() for b in benchmarks.split(",") if b.strip()] if isinstance(benchmarks, str) else [benchmarks]
@@ -298,7 +302,6 @@ def evaluate(
     names = [b.name for b in loaded]
     if len(set(names)) != len(names):
         raise ValueError(f"Benchmark names must be unique, got {names}.")
-    models = named_models(model)
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
 

@@ -25,8 +25,10 @@ evaluate each model in its own run and merge the results (`python -m trl_flowrl.
 from __future__ import annotations
 
 import gc
+import glob
 import importlib.util
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +47,46 @@ class Sample:
     text: str
     num_tokens: int
     finish_reason: str
+
+
+def check_model_path(model: str, offline_hub: bool = True) -> None:
+    """Fail early, saying what to change, when `model` is neither a checkpoint directory nor a usable hub id.
+
+    A path that does not exist is an error when it looks local (starts with `/`, `.` or `~`, has a separator
+    besides the one of `org/name`, or its first part exists here) or is no valid hub id; a directory without a
+    `config.json` (nor a PEFT `adapter_config.json`) is an error that lists its `checkpoint-*` folders. With
+    `offline_hub`, a hub id that is not in the local cache while the hub is offline (`HF_HUB_OFFLINE=1`) is an error
+    too. Anything else (a file, an online hub id) is left to `from_pretrained`. Raises FileNotFoundError or ValueError.
+    """
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        if not any(os.path.isfile(os.path.join(expanded, f)) for f in ("config.json", "adapter_config.json")):
+            checkpoints = sorted(glob.glob(os.path.join(expanded, "checkpoint-*")), key=len)[-3:]
+            hint = f" It holds the checkpoints {checkpoints}: give one of them." if checkpoints else ""
+            raise FileNotFoundError(f"The model directory {model!r} has no config.json, so it is no checkpoint.{hint}")
+        return
+    if os.path.exists(expanded):
+        return
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    first = model.replace("\\", "/").split("/")[0]
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model or os.path.isdir(first)
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise FileNotFoundError(
+            f"The model path {model!r} does not exist (looked for {os.path.abspath(expanded)}): give a checkpoint "
+            "directory (with a config.json), or a hub id such as 'Qwen/Qwen2.5-7B'."
+        )
+    offline = is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline_hub and offline and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise FileNotFoundError(
+            f"The model {model!r} is not a local directory, and the hub is offline (HF_HUB_OFFLINE) with no copy of "
+            f"it in the cache: download it first (`huggingface-cli download {model}`), or give a local path."
+        )
 
 
 def vllm_available() -> bool:

@@ -1,16 +1,17 @@
 """Worker process for math verification: one JSON request per stdin line, one JSON reply per stdout line.
 
-Runs as `python -m trl_flowrl.rewards._math_worker`, started by `WorkerPool`. It runs on its own main thread, so
-math-verify's `signal.alarm` timeouts work here; they are the first bound, and the pool's SIGKILL at the request's hard
-deadline is the second. A request is `{"completion", "gold", "answer_format", "parse_timeout", "verify_timeout"}`; the
+Runs as `python -m trl_flowrl.rewards._math_worker`, started by `WorkerPool` (the loop is `_procpool.serve`, which also
+ends this process with its parent). Requests are graded on the main thread, so math-verify's `signal.alarm` timeouts
+work here; they are the first bound, and the pool's SIGKILL at the request's hard deadline is the second. A request is `{"completion", "gold", "answer_format", "parse_timeout", "verify_timeout"}`; the
 reply is `{"outcome", "answer", "gold_parsed", "answer_parsed", "detail"}` with `outcome` one of the values of
 `trl_flowrl.rewards.math_reward.Outcome`.
 """
 
-import json
 import logging
 import sys
 from itertools import product
+
+from trl_flowrl.rewards._procpool import serve
 
 
 def _grade(request: dict) -> dict:
@@ -19,7 +20,7 @@ def _grade(request: dict) -> dict:
     from math_verify.errors import TimeoutException
     from sympy import Basic, MatrixBase
 
-    from trl_flowrl.rewards.math_reward import extract_answer, gold_to_latex
+    from trl_flowrl.rewards.math_reward import bare_words, extract_answer, gold_to_latex
 
     parse_timeout = int(request["parse_timeout"])
     verify_timeout = int(request["verify_timeout"])
@@ -52,6 +53,12 @@ def _grade(request: dict) -> dict:
     reply["gold_parsed"] = str(gold[0]) if gold else None
     if not is_math(gold):
         return {**reply, "outcome": "gold_unparseable", "detail": f"no math expression in gold {request['gold']!r}"}
+    # A bare word is read as a product of one-letter symbols (`None` = `neon`): unless the parser dropped it (units,
+    # "and"), the gold is not math. See `math_reward.bare_words`.
+    words = bare_words(request["gold"])
+    if words and any(getattr(item, "free_symbols", None) for item in gold if isinstance(item, Basic | MatrixBase)):
+        detail = f"gold {request['gold']!r} has bare words {words[:3]}, read as products of one-letter symbols"
+        return {**reply, "outcome": "gold_unparseable", "detail": detail[:300]}
 
     answer = extract_answer(request["completion"], request["answer_format"])
     reply["answer"] = answer
@@ -92,6 +99,15 @@ def _grade(request: dict) -> dict:
     return {**reply, "outcome": "wrong"}
 
 
+def _answer(request: dict) -> dict:
+    try:
+        return _grade(request)
+    except RecursionError:
+        return {"outcome": "error", "detail": "RecursionError"}
+    except Exception as exc:  # noqa: BLE001 - the worker must answer every request
+        return {"outcome": "error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def main() -> None:
     # Timeouts and parse failures are reported in the reply; math-verify's own warnings would only be noise.
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
@@ -100,17 +116,7 @@ def main() -> None:
 
     import trl_flowrl.rewards.math_reward  # noqa: F401
 
-    sys.stdout.write('{"ready": true}\n')
-    sys.stdout.flush()
-    for line in sys.stdin:
-        try:
-            reply = _grade(json.loads(line))
-        except RecursionError:
-            reply = {"outcome": "error", "detail": "RecursionError"}
-        except Exception as exc:  # noqa: BLE001 - the worker must answer every request
-            reply = {"outcome": "error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+    serve(_answer)
 
 
 if __name__ == "__main__":

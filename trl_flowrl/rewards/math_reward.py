@@ -14,7 +14,21 @@ stripped; but LaTeX shorthand such as `\frac12` is repaired instead of scored wr
   run in a small pool of worker processes (two by default, created once, reused) where those timeouts work, and a
   worker that has not answered by the hard deadline is SIGKILLed and replaced;
 - timeouts, parser errors and unparseable gold answers reported as such, with the score of each chosen by the user
-  (0.0, or `None` so that TRL skips the sample).
+  (0.0, or `None` so that TRL skips the sample);
+- gold answers that are words: math-verify reads a bare word as a product of one-letter symbols, so any anagram
+  would match it (`None`, a missing solution made a string, equals `neon`). A gold is `gold_unparseable` when it is
+  missing (`None`, empty), has no math in it, or has a *bare word*, two or more letters in a row outside LaTeX commands,
+  `\text{}`-like groups and `_{}` subscripts, that math-verify kept as symbols. Kept: `\frac{\sqrt{3}}{2}`, `x^2+1`,
+  `a+b`, `x y`, `\pi`, `\sin x`, intervals, `x=2`; words the parser drops (`5 cm`, `90 degrees`, `3 and 4`); and
+  `\text{Evelyn}`, one symbol compared whole. Rejected: `neon`, `None`, `yes`, `no solution`, `nan`, but also
+  `xy` or `2ab`, which cannot be told from words: write products with a space or `\cdot`;
+- answer extraction in linear time (one pass over the braces), so a long completion of unclosed `\boxed{` costs
+  milliseconds, not minutes;
+- completions that are not text (`None`, `[]`, a dict, a message without content) scored as `no_answer`, with a
+  warning, instead of raising.
+
+The worker pool (`_procpool`): the hard deadline covers sending the request as well as the reply (a stopped worker
+cannot hold the trainer), and workers die with the trainer's process, even mid-request.
 
 Not handled: answers that are not mathematical expressions (free text, multiple-choice letters other than as symbols),
 several answers in one completion (only the last `\boxed{}` or `Answer:` line counts), and equivalence beyond what
@@ -79,23 +93,31 @@ class MathGrade:
 
 # -- answer extraction (pure string scanning, linear time: also safe to run in the trainer's process) ---------------
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# One token per opener (`\boxed{`, `\fbox{`), escape (a backslash and the next character, unless that character starts
+# an opener: `\\boxed{3}` still holds a box) and brace.
+_BOX_TOKENS = re.compile(r"(?P<open>\\(?:boxed|fbox)\s*\{)|\\(?!\\(?:boxed|fbox)\s*\{)[\s\S]|[{}]")
 _ANSWER_LINE = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
-def _last_boxed(text: str) -> tuple[int, str] | None:
-    """Position and content of the last complete `\\boxed{...}` (balanced braces), or None."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            if text[i] == "\\" and i + 1 < len(text):
-                i += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return match.start(), text[match.end() : i - 1]
-    return None
+def last_box(text: str, tokens: re.Pattern = _BOX_TOKENS) -> tuple[int, str] | None:
+    r"""Position and content of the last complete box, or None: the box that starts last among those whose braces
+    balance (an unclosed one is skipped).
+
+    `tokens` finds openers (group `open`, ending in `{`), braces and whatever else must be skipped (escapes). One pass
+    with a stack of open braces, so linear in `len(text)`: scanning to the end from each opener was quadratic on a
+    completion of unclosed `\boxed{`.
+    """
+    best, stack = None, []  # stack: per open brace, (opener start, content start) for a box, None for a group
+    for token in tokens.finditer(text):
+        if token.group("open"):
+            stack.append((token.start(), token.end()))
+        elif token.group() == "{":
+            stack.append(None)
+        elif token.group() == "}" and stack:
+            box = stack.pop()
+            if box is not None and (best is None or box[0] > best[0]):
+                best = (box[0], text[box[1] : token.start()])
+    return best
 
 
 def _strip_math_delimiters(answer: str) -> str:
@@ -118,7 +140,7 @@ def extract_answer(text: str, answer_format: str = "auto") -> str | None:
         raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}.")
     candidates = []
     if answer_format in ("auto", "boxed"):
-        boxed = _last_boxed(text)
+        boxed = last_box(text)
         if boxed is not None:
             candidates.append(boxed)
     if answer_format in ("auto", "answer_line"):
@@ -127,12 +149,31 @@ def extract_answer(text: str, answer_format: str = "auto") -> str | None:
             start = matches[-1].end()
             end = text.find("\n", start)
             line = text[start : end if end != -1 else len(text)]
-            inner = _last_boxed(line)
+            inner = last_box(line)
             candidates.append((matches[-1].start(), inner[1] if inner else line))
     if not candidates:
         return None
     answer = _strip_math_delimiters(max(candidates, key=lambda c: c[0])[1])
     return answer or None
+
+
+_TEXT_GROUP = re.compile(r"\\(?:text[a-z]*|mathrm|mbox|operatorname\*?)\s*\{[^{}]*\}|_\{[^{}]*\}")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def bare_words(gold: str) -> list[str]:
+    r"""Runs of two or more letters in `gold` outside LaTeX commands (`\frac`, `\pi`), `\text{}`-like groups and
+    `_{...}` subscripts: `bare_words("no solution") == ["no", "solution"]`, `bare_words(r"\frac{\pi}{2}") == []`.
+
+    math-verify reads such a run as a product of one-letter symbols; the worker grades a gold with one as
+    `gold_unparseable` unless the parser dropped the words (a unit, "and") and kept no symbol.
+    """
+    return _WORD.findall(_COMMAND.sub(" ", _TEXT_GROUP.sub(" ", gold)))
+
+
+def _missing(gold) -> bool:
+    return gold is None or isinstance(gold, bool) or not str(gold).strip()
 
 
 def gold_to_latex(answer: str) -> str:
@@ -196,52 +237,68 @@ class MathVerifier:
     def pool(self) -> WorkerPool:
         return _shared_pool(self.num_workers)
 
-    def grade(self, completions: Sequence[str], golds: Sequence[str]) -> list[MathGrade]:
-        """Grade `completions[i]` against `golds[i]`; returns one `MathGrade` per pair, in order."""
+    def grade(self, completions: Sequence[str | None], golds: Sequence) -> list[MathGrade]:
+        """Grade `completions[i]` against `golds[i]`; returns one `MathGrade` per pair, in order.
+
+        A completion that is not a string (None included) is `NO_ANSWER`; a gold that is None, a bool or blank is
+        `GOLD_UNPARSEABLE`; other golds (numbers) are read as `str(gold)`. Neither goes to a worker.
+        """
         if len(completions) != len(golds):
             raise ValueError(f"Got {len(completions)} completions but {len(golds)} gold answers.")
-        requests = [
-            {
-                "completion": str(completion),
-                "gold": str(gold),
-                "answer_format": self.answer_format,
-                "parse_timeout": self.parse_timeout,
-                "verify_timeout": self.verify_timeout,
-            }
-            for completion, gold in zip(completions, golds)
-        ]
-        grades = []
-        for reply in self.pool.map(requests, self.hard_timeout):
-            if isinstance(reply, WorkerTimeout):
-                grades.append(MathGrade(Outcome.TIMEOUT, detail=f"worker killed after {self.hard_timeout:g} s"))
-            elif isinstance(reply, WorkerCrashed):
-                grades.append(MathGrade(Outcome.ERROR, detail=f"worker crashed: {reply}"))
+        grades: list[MathGrade | None] = [None] * len(golds)
+        requests, positions = [], []
+        for i, (completion, gold) in enumerate(zip(completions, golds)):
+            if _missing(gold):
+                grades[i] = MathGrade(Outcome.GOLD_UNPARSEABLE, detail=f"missing gold answer ({gold!r})")
+            elif not isinstance(completion, str):
+                grades[i] = MathGrade(Outcome.NO_ANSWER, detail=f"malformed completion ({type(completion).__name__})")
             else:
-                grades.append(
-                    MathGrade(
-                        outcome=Outcome(reply["outcome"]),
-                        answer=reply.get("answer"),
-                        answer_parsed=reply.get("answer_parsed"),
-                        gold_parsed=reply.get("gold_parsed"),
-                        detail=reply.get("detail", ""),
-                    )
+                positions.append(i)
+                requests.append(
+                    {
+                        "completion": completion,
+                        "gold": str(gold),
+                        "answer_format": self.answer_format,
+                        "parse_timeout": self.parse_timeout,
+                        "verify_timeout": self.verify_timeout,
+                    }
                 )
+        replies = self.pool.map(requests, self.hard_timeout) if requests else []
+        for i, reply in zip(positions, replies):
+            grades[i] = self._grade_of(reply)
         return grades
+
+    def _grade_of(self, reply: dict | Exception) -> MathGrade:
+        if isinstance(reply, WorkerTimeout):
+            return MathGrade(Outcome.TIMEOUT, detail=f"worker killed after {self.hard_timeout:g} s")
+        if isinstance(reply, WorkerCrashed):
+            return MathGrade(Outcome.ERROR, detail=f"worker crashed: {reply}")
+        return MathGrade(
+            outcome=Outcome(reply["outcome"]),
+            answer=reply.get("answer"),
+            answer_parsed=reply.get("answer_parsed"),
+            gold_parsed=reply.get("gold_parsed"),
+            detail=reply.get("detail", ""),
+        )
 
     def grade_one(self, completion: str, gold: str) -> MathGrade:
         return self.grade([completion], [gold])[0]
 
 
 def completion_text(completion) -> str:
-    """The text of a TRL completion: a string, or a conversational list of messages (the last one's content)."""
+    """The text of a TRL completion: a string, or a conversational list of messages (the last one's content; a
+    message whose content is None has none). Raises TypeError on anything else."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content", "")
+        content = completion[-1].get("content")
         if isinstance(content, list):  # multimodal content blocks
             return "".join(block.get("text", "") for block in content if isinstance(block, dict))
-        return str(content)
-    raise TypeError(f"A completion must be a string or a list of messages, got {type(completion).__name__}.")
+        if content is None or isinstance(content, str):
+            return content or ""
+    raise TypeError(
+        f"A completion must be a string or a list of messages, got {type(completion).__name__}: {completion!r:.80}."
+    )
 
 
 class MathAccuracyReward:
@@ -250,7 +307,8 @@ class MathAccuracyReward:
     Args:
         answer_format, num_workers, parse_timeout, verify_timeout, hard_timeout: see `MathVerifier`.
         correct_score: score of a correct answer.
-        wrong_score: score of a wrong answer and of a completion with no final answer.
+        wrong_score: score of a wrong answer and of a completion with no final answer (or that is not text at all:
+            None, an empty list, a dict; logged once per type).
         timeout_score: score when verification timed out; `None` makes TRL skip the sample.
         error_score: score on a parser/verifier error or a crashed worker; `None` skips the sample.
         gold_unparseable_score: score when the gold answer cannot be parsed (logged as a warning); `None` skips.
@@ -287,6 +345,7 @@ class MathAccuracyReward:
         }
         self.metric_prefix = metric_prefix
         self._warned_golds: set[str] = set()
+        self._warned_completions: set[str] = set()
 
     def __call__(
         self,
@@ -296,8 +355,16 @@ class MathAccuracyReward:
         log_extra: Callable[[str, list], None] | None = None,
         **kwargs,
     ) -> list[float | None]:
-        texts = [completion_text(c) for c in completions]
-        grades = self.verifier.grade(texts, [str(s) for s in solution])
+        texts = []
+        for completion in completions:
+            try:
+                texts.append(completion_text(completion))
+            except TypeError as error:  # graded `no_answer` by the verifier, never a crash of the reward step
+                texts.append(None)
+                if type(completion).__name__ not in self._warned_completions:
+                    self._warned_completions.add(type(completion).__name__)
+                    logger.warning("A malformed completion is scored as no_answer: %s", error)
+        grades = self.verifier.grade(texts, list(solution))
         for grade, gold in zip(grades, solution):
             if grade.outcome is Outcome.GOLD_UNPARSEABLE and str(gold) not in self._warned_golds:
                 self._warned_golds.add(str(gold))
