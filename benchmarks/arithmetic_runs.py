@@ -1,29 +1,34 @@
 """Training runs on the embedded arithmetic task, tracked on a fixed held-out set: shared by benchmarks 2, 3 and 4.
 
-`tracked_run(name, seed, steps, spec)` trains GRPO, FlowRL or ExGRPO with exactly the settings of the recipes'
-embedded configs (`recipes/configs/embedded/<name>_arithmetic.yaml`, read with `trl_flowrl.recipe.parse_recipe_args`;
-only the seed, the number of steps and the output directory are overridden, plus progress bars turned off) and
-returns a record of the run:
+`tracked_run(arm, seed, steps, spec)` trains one *arm* of `ARMS`: a trainer (GRPO, FlowRL or ExGRPO) with exactly the
+settings of the recipes' embedded config (`recipes/configs/embedded/<trainer>_arithmetic.yaml`, read with
+`trl_flowrl.recipe.parse_recipe_args`) plus the arm's own command-line overrides (e.g. `--beta 0.0667` for GRPO with
+a KL term); the seed, the number of steps and the output directory are set per run, progress bars turned off. A
+caller may add overrides (`extra_overrides`, e.g. `--num_train_problems 800`) and train another model than the
+embedded one (`model_path`; the embedded recipe's settings are kept). It returns a record of the run:
 
 - a curve measured by a callback on the main process at step 0 and every `spec.every` steps: held-out accuracy
   (avg@k), pass@k, distinct correct paths per problem, entropy over the correct paths, and how far the policy's
   distribution over each problem's enumerated correct paths is from the reference model's (see
-  `path_distribution_distance`), with the rollouts generated so far;
+  `path_distribution_distance`), with the rollouts generated and the distinct questions trained on so far;
 - the rollouts each trainer actually generates, counted at TRL's generation call: every row it generates counts, and
   for ExGRPO the rows then replaced by replayed trajectories are counted apart (`replayed`), so that
   `generated - replayed` is the fresh rollouts used;
-- the wall time of training (evaluation excluded) and of evaluation, and the saved final model.
+- the distinct questions trained on (`questions`): the prompts the trainer receives from its sampler, or, for a
+  trainer that says what it trained on (ExGRPO's `_fresh_questions` and `_replay_counts`), its own counts;
+- the settings the run resolved to (`config`: beta, the FlowRL objective's fields, ...), the wall time of training
+  (evaluation excluded) and of evaluation, and the saved final model.
 
 The held-out evaluation samples `spec.num_samples` completions for each of `spec.num_problems` held-out problems
 (`trl_flowrl.evaluation.arithmetic_benchmark`, the same problems for every run), with the training temperature and
 no top-p, under a fixed sampling seed (every run and every step draws the same random numbers), and grades them with
 `trl_flowrl.evaluation.score_samples`, i.e. with the project's math reward and exact path ids.
 
-Runs are cached in `cache_dir`, keyed by everything that determines them (the recipe file, the overrides, the
-evaluation settings, the source of `trl_flowrl` and the embedded model, and `RUN_FORMAT`, to bump when the tracking
-below changes what a run measures): benchmarks that need the same run (GRPO in benchmarks 2 and 3, the final models in
-benchmark 4) train it once. A record read from the cache says so (`"cached": true`) and keeps the wall times it was
-measured with. `--no-cache` trains every run again.
+Runs are cached in `cache_dir`, keyed by everything that determines them (the recipe file, every override, the
+evaluation settings, the Python source of `trl_flowrl`, a digest of the files of the model trained, embedded or not,
+and `RUN_FORMAT`, to bump when the tracking below changes what a run measures): benchmarks that need the same run (GRPO
+in benchmarks 2 and 3, the final models in benchmark 4) train it once. A record read from the cache says so
+(`"cached": true`) and keeps the wall times it was measured with. `--no-cache` trains every run again.
 
 Not handled: several processes (the evaluation runs on the main process only and the counters are per process).
 """
@@ -39,16 +44,98 @@ import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "configs" / "embedded"
 TRAINER_NAMES = ("grpo", "flowrl", "exgrpo")
-LABELS = {"grpo": "GRPO", "flowrl": "FlowRL", "exgrpo": "ExGRPO", "exgrpo_no_replay": "ExGRPO, replay_ratio 0"}
 DEFAULT_CACHE = REPO / "outputs" / "benchmarks" / "runs"
-RUN_FORMAT = 1  # bump when the tracking changes what a run records
+RUN_FORMAT = 2  # bump when the tracking changes what a run records
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration the benchmarks compare: a trainer of `TRAINER_NAMES`, the command-line overrides it adds to
+    that trainer's embedded recipe, and how tables and plots name it.
+
+    `expect` lists the resolved settings the arm stands for; a run checks them after parsing, so that a change of the
+    embedded recipe (e.g. its FlowRL objective) cannot silently change what an arm measures.
+    """
+
+    trainer: str
+    overrides: tuple[str, ...]
+    label: str
+    color: str
+    expect: Mapping[str, object] = field(default_factory=dict)
+
+
+# The resolved FlowRL settings of each objective, as the arms below stand for them.
+OFFICIAL = {
+    "objective": "official",
+    "residual_normalization": "token_mean",
+    "reward_in_residual": "advantage",
+    "log_z_estimate": "head",
+}
+MATCHING = {
+    "objective": "matching",
+    "residual_normalization": "length",
+    "reward_in_residual": "reward",
+    "log_z_estimate": "group",
+}
+# GRPO + KL: with the advantage as reward term and beta = 15, the official FlowRL objective's per-sample gradient is
+# GRPO's plus a squared log-ratio pull toward the reference of weight about 1/beta, so GRPO with a KL coefficient of
+# 1/15 is its fair baseline (TRL's default KL estimator, use_bias_correction_kl and loss_type unchanged).
+# The FlowRL arms name their objective and beta, so that they do not depend on what the embedded recipe uses.
+ARMS = {
+    "grpo": Arm("grpo", (), "GRPO", "tab:blue", {"beta": 0.0}),
+    "grpo_kl": Arm("grpo", ("--beta", "0.0667"), "GRPO + KL (beta 1/15)", "tab:cyan", {"beta": 0.0667}),
+    "flowrl": Arm(
+        "flowrl",
+        ("--objective", "official", "--beta", "15"),
+        "FlowRL official (beta 15)",
+        "tab:orange",
+        {**OFFICIAL, "beta": 15.0},
+    ),
+    "flowrl_matching": Arm(
+        "flowrl",
+        ("--objective", "matching", "--beta", "5"),
+        "FlowRL matching (beta 5)",
+        "tab:red",
+        {**MATCHING, "beta": 5.0},
+    ),
+    # the trade-off: a sharper target (correct/wrong odds e^15 times the reference's), slower matching among paths
+    "flowrl_matching_b15": Arm(
+        "flowrl",
+        ("--objective", "matching", "--beta", "15"),
+        "FlowRL matching (beta 15)",
+        "tab:purple",
+        {**MATCHING, "beta": 15.0},
+    ),
+    "exgrpo": Arm("exgrpo", (), "ExGRPO", "tab:green"),
+    "exgrpo_no_replay": Arm("exgrpo", ("--replay_ratio", "0.0"), "ExGRPO, replay_ratio 0", "tab:olive"),
+}
+LABELS = {name: arm.label for name, arm in ARMS.items()}
+COLORS = {name: arm.color for name, arm in ARMS.items()}
+# The resolved settings a run records (those its trainer has).
+RECORDED_SETTINGS = (
+    "beta",
+    "loss_type",
+    "scale_rewards",
+    "use_bias_correction_kl",
+    "objective",
+    "residual_normalization",
+    "reward_in_residual",
+    "log_z_estimate",
+    "importance_weight_clipping",
+    "replay_ratio",
+    "learning_rate",
+    "num_generations",
+    "per_device_train_batch_size",
+    "max_completion_length",
+    "temperature",
+)
 
 if str(REPO) not in sys.path:  # run from a source checkout: use its trl_flowrl
     sys.path.insert(0, str(REPO))
@@ -156,6 +243,44 @@ def mean_curve(curves: Sequence[Sequence[Mapping]], key: str) -> list[float]:
     return [sum(curve[i][key] for curve in curves) / len(curves) for i in range(len(steps[0]))]
 
 
+def parse_arms(text: str | None, default: Sequence[str]) -> list[str]:
+    """The arms named by a comma-separated `--arms` value (None or empty: `default`), in the order given.
+
+    Raises ValueError for an unknown or repeated name.
+    """
+    if not text or not text.strip():
+        return list(default)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ARMS]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"--arms must list distinct arms of {list(ARMS)}, got {text!r}.")
+    return names
+
+
+def question_counts(
+    sampled: set[str], fresh: set[str] | None = None, replays: Mapping[str, int] | None = None
+) -> dict:
+    """Distinct questions a run trained on.
+
+    `sampled`: the question ids the trainer received from its sampler. `fresh` and `replays`: what the trainer says it
+    trained on, when it does (ExGRPO: fresh questions, and replays per question), which then decides
+    `distinct_questions` (`source` "trainer"); otherwise the sampled ids do (`source` "sampler").
+    """
+    counts = {"distinct_questions_sampled": len(sampled)}
+    if fresh is None:
+        return {"distinct_questions": len(sampled), **counts, "source": "sampler"}
+    replays = replays or {}
+    return {
+        "distinct_questions": len(set(fresh) | set(replays)),
+        **counts,
+        "distinct_fresh_questions": len(fresh),
+        "distinct_replayed_questions": len(replays),
+        "replays": sum(replays.values()),
+        "max_replays_per_question": max(replays.values(), default=0),
+        "source": "trainer",
+    }
+
+
 # -- environment ---------------------------------------------------------------------------------------------------
 
 
@@ -229,11 +354,21 @@ def recipe_path(name: str) -> Path:
 
 
 def _counting(trainer_cls):
-    """`trainer_cls` with a counter of the rows TRL generates and of those ExGRPO replaces by replayed trajectories."""
+    """`trainer_cls` with counters of the rows TRL generates, of those ExGRPO replaces by replayed trajectories, and of
+    the distinct questions its sampler hands to it (at the input of `_generate_and_score_completions`)."""
+    from trl_flowrl.exgrpo.exgrpo_trainer import prompt_question_id
 
     class Counting(trainer_cls):
-        rollouts_generated = 0
-        rollouts_replayed = 0
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rollouts_generated = 0
+            self.rollouts_replayed = 0
+            self.questions_sampled: set[str] = set()
+
+        def _generate_and_score_completions(self, inputs):
+            if self.model.training:
+                self.questions_sampled.update(prompt_question_id(row["prompt"]) for row in inputs)
+            return super()._generate_and_score_completions(inputs)
 
         def _generate_single_turn(self, prompt_ids, *args, **kwargs):
             completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
@@ -243,32 +378,111 @@ def _counting(trainer_cls):
                 self.rollouts_replayed += len(getattr(self, "_replay_plan", None) or {})
             return completion_ids, logprobs
 
+        def question_counts(self) -> dict:
+            return question_counts(
+                self.questions_sampled, getattr(self, "_fresh_questions", None), getattr(self, "_replay_counts", None)
+            )
+
     Counting.__name__ = Counting.__qualname__ = f"Counting{trainer_cls.__name__}"
     return Counting
 
 
+# Modules a run of the arithmetic task never executes: editing them keeps the cached runs.
+_UNUSED_BY_RUNS = (
+    "trl_flowrl/rewards/code_reward.py",
+    "trl_flowrl/rewards/code_sandbox.py",
+    "trl_flowrl/rewards/_sandbox_boot.py",
+    "trl_flowrl/rewards/remote_executor.py",
+    "trl_flowrl/tasks/programming.py",
+    "trl_flowrl/data/code_datasets.py",
+    "trl_flowrl/evaluation/judge.py",
+)
+
+
+def _code_of(path: Path) -> str:
+    """A Python file's code without its docstrings and comments (the AST), so documentation edits keep the cache."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def _source_digest() -> str:
+    """SHA-256 of the code of `trl_flowrl` that a run executes (its Python files' ASTs, docstrings left out; the model a
+    run trains is keyed on its own)."""
     digest = hashlib.sha256()
-    package = REPO / "trl_flowrl"
-    files = sorted(package.rglob("*.py"))
-    assets = package / "assets"
-    files += sorted(p for p in assets.rglob("*") if p.is_file())
-    for path in files:
-        digest.update(str(path.relative_to(REPO)).encode())
-        digest.update(path.read_bytes())
+    for path in sorted((REPO / "trl_flowrl").rglob("*.py")):
+        name = str(path.relative_to(REPO))
+        if name in _UNUSED_BY_RUNS:
+            continue
+        digest.update(name.encode())
+        digest.update(_code_of(path).encode())
     return digest.hexdigest()
 
 
-def _run_key(name: str, argv: list[str], spec: EvalSpec) -> str:
+def _files_digest(directory: Path) -> str:
+    """SHA-256 of every file under `directory` (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _run_key(trainer: str, argv: list[str], spec: EvalSpec, model: dict) -> str:
     payload = {
         "format": RUN_FORMAT,
-        "trainer": name,
-        "recipe": recipe_path(name).read_text(),
+        "trainer": trainer,
+        "recipe": recipe_path(trainer).read_text(),
         "argv": argv,
         "eval": asdict(spec),
         "source": _source_digest(),
+        "model": model["digest"],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_identity(model_path: str | os.PathLike | None) -> dict:
+    """The model a run trains (None: the embedded one): its directory and a digest of its files.
+
+    Only this model keys a run, not the package's other assets (regenerating another task's embedded model keeps the
+    cached runs).
+    """
+    from trl_flowrl.tasks import embedded_model_path
+
+    embedded = Path(embedded_model_path()).resolve()
+    path = embedded if model_path is None else Path(model_path).resolve()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model_path must be a local model directory (with a config.json), got {model_path!r}: the benchmarks "
+            "run offline, and the run cache needs the model's files to key the run."
+        )
+    return {"path": str(path), "embedded": path == embedded, "digest": _files_digest(path)}
+
+
+def _check_expected(arm_name: str, training_args, extra_overrides: Sequence[str]) -> None:
+    """Refuse a run whose settings are not those its arm stands for (unless the caller overrode them on purpose)."""
+    named = {flag[2:].split("=", 1)[0] for flag in extra_overrides if flag.startswith("--")}
+    for key, expected in ARMS[arm_name].expect.items():
+        actual = getattr(training_args, key)
+        if key not in named and actual != expected:
+            raise ValueError(
+                f"Arm {arm_name!r} stands for {key}={expected!r}, but its recipe "
+                f"{recipe_path(ARMS[arm_name].trainer).relative_to(REPO)} with the arm's overrides gives {actual!r}: "
+                f"add --{key} to the arm's overrides in ARMS (benchmarks/arithmetic_runs.py)."
+            )
 
 
 class HeldOutTracker:
@@ -339,6 +553,7 @@ def _callback(tracker: HeldOutTracker, trainer, curve: list, log):
             "rollouts_generated": generated,
             "rollouts_replayed": replayed,
             "fresh_rollouts_used": generated - replayed,
+            "distinct_questions": trainer.question_counts()["distinct_questions"],
         }
 
     def measure(model, step):
@@ -365,7 +580,7 @@ def _callback(tracker: HeldOutTracker, trainer, curve: list, log):
 
 
 def tracked_run(
-    name: str,
+    arm: str,
     seed: int,
     steps: int,
     spec: EvalSpec,
@@ -373,40 +588,63 @@ def tracked_run(
     use_cache: bool = True,
     log=print,
     extra_overrides: Sequence[str] = (),
+    model_path: str | os.PathLike | None = None,
 ) -> dict:
-    """Train `name` ("grpo", "flowrl" or "exgrpo") for `steps` steps with seed `seed`, tracked by `spec`.
+    """Train the arm `arm` of `ARMS` for `steps` steps with seed `seed`, tracked by `spec`.
 
-    `extra_overrides` (command-line flags, e.g. `["--replay_ratio", "0.0"]`) change the recipe's settings: for an
-    ablation only, the benchmarks' own comparisons use none. Returns the run record (see the module docstring); its
-    `model_dir` holds the final policy.
+    `extra_overrides` (command-line flags of the recipe, e.g. `["--num_train_problems", "800"]`) come after the arm's
+    own. `model_path`: a local model directory to train instead of the embedded model, with the embedded recipe's
+    settings (not through `--model_name_or_path`, which would make the recipe parser skip the embedded config).
+    Returns the run record (see the module docstring); its `model_dir` holds the final policy.
     """
     import torch
     from transformers import AutoTokenizer, PrinterCallback
 
     from trl_flowrl.recipe import _build_reward, _load_dataset, parse_recipe_args
-    from trl_flowrl.tasks import embedded_model_path
 
-    trainer_cls, config_cls = _trainer_classes(name)
+    if arm not in ARMS:
+        raise ValueError(f"Unknown arm {arm!r}: use one of {list(ARMS)} (or add it to ARMS).")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
-    overrides = ["--seed", str(seed), "--max_steps", str(steps), "--disable_tqdm", "true", *extra_overrides]
-    run_dir = Path(cache_dir) / f"{name}-seed{seed}-steps{steps}-{_run_key(name, overrides, spec)}"
+    for flag in extra_overrides:
+        if flag.split("=", 1)[0] in ("--model_name_or_path", "--config"):
+            raise ValueError(
+                f"extra_overrides may not hold {flag!r}: pass the model as model_path (the run keeps the embedded "
+                "recipe's settings), and change a setting with its own flag."
+            )
+    spec_arm = ARMS[arm]
+    trainer_cls, config_cls = _trainer_classes(spec_arm.trainer)
+    overrides = [
+        "--seed",
+        str(seed),
+        "--max_steps",
+        str(steps),
+        "--disable_tqdm",
+        "true",
+        *spec_arm.overrides,
+        *extra_overrides,
+    ]
+    model = _model_identity(model_path)
+    run_dir = Path(cache_dir) / f"{arm}-seed{seed}-steps{steps}-{_run_key(spec_arm.trainer, overrides, spec, model)}"
+    described = f"{spec_arm.label} seed {seed}" + "".join(f" {flag}" for flag in extra_overrides)
+    if not model["embedded"]:
+        described += f" (model {model['path']})"
     record_path = run_dir / "run.json"
     if use_cache and record_path.is_file() and (run_dir / "model" / "config.json").is_file():
         record = json.loads(record_path.read_text())
         record["cached"] = True
-        log(f"{LABELS[name]} seed {seed}{' '.join(['', *extra_overrides])}: reusing the cached run {run_dir}")
+        log(f"{described}: reusing the cached run {run_dir}")
         return record
 
-    script_args, training_args, model_args = parse_recipe_args(
-        config_cls, recipe_path(name), argv=[*overrides, "--output_dir", str(run_dir / "model")]
+    script_args, training_args, _ = parse_recipe_args(
+        config_cls, recipe_path(spec_arm.trainer), argv=[*overrides, "--output_dir", str(run_dir / "model")]
     )
-    model_path = model_args.model_name_or_path or embedded_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    _check_expected(arm, training_args, extra_overrides)
+    tokenizer = AutoTokenizer.from_pretrained(model["path"])
     dataset = _load_dataset(script_args, training_args.seed)
     tracker = HeldOutTracker(spec, tokenizer, training_args.max_completion_length, training_args.temperature)
     trainer = _counting(trainer_cls)(
-        model=model_path,
+        model=model["path"],
         reward_funcs=[_build_reward(script_args)],
         args=training_args,
         train_dataset=dataset,
@@ -416,10 +654,7 @@ def tracked_run(
     curve: list[dict] = []
     trainer.add_callback(_callback(tracker, trainer, curve, log))
 
-    log(
-        f"{LABELS[name]} seed {seed}{' '.join(['', *extra_overrides])}: {steps} steps, evaluated every {spec.every} "
-        f"({run_dir.name})"
-    )
+    log(f"{described}: {steps} steps, evaluated every {spec.every} ({run_dir.name})")
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -429,11 +664,18 @@ def tracked_run(
     ]
     record = {
         "format": RUN_FORMAT,
-        "trainer": name,
+        "arm": arm,
+        "label": spec_arm.label,
+        "trainer": spec_arm.trainer,
         "seed": seed,
         "steps": steps,
-        "recipe": str(recipe_path(name).relative_to(REPO)),
+        "recipe": str(recipe_path(spec_arm.trainer).relative_to(REPO)),
+        "arm_overrides": list(spec_arm.overrides),
+        "extra_overrides": list(extra_overrides),
         "overrides": overrides,
+        "model": model,
+        "config": {key: getattr(training_args, key) for key in RECORDED_SETTINGS if hasattr(training_args, key)},
+        "num_train_problems": len(dataset),
         "eval": asdict(spec),
         "machine": machine(),
         "torch_threads": torch.get_num_threads(),
@@ -444,12 +686,13 @@ def tracked_run(
         "rollouts_generated": trainer.rollouts_generated,
         "rollouts_replayed": trainer.rollouts_replayed,
         "fresh_rollouts_used": trainer.rollouts_generated - trainer.rollouts_replayed,
+        "questions": trainer.question_counts(),
         "curve": curve,
         "train_reward": history,
         "model_dir": str(run_dir / "model"),
         "cached": False,
     }
-    if name == "exgrpo":
+    if spec_arm.trainer == "exgrpo":
         buffer = trainer.replay_buffer
         record["replay"] = {
             "started": buffer.replay_started,
@@ -459,8 +702,8 @@ def tracked_run(
         }
     write_json(record_path, record)
     log(
-        f"{LABELS[name]} seed {seed}: trained in {record['train_seconds'] / 60:.1f} min "
-        f"({record['seconds_per_step']:.2f} s/step), evaluation {tracker.seconds / 60:.1f} min"
+        f"{described}: trained in {record['train_seconds'] / 60:.1f} min ({record['seconds_per_step']:.2f} s/step) on "
+        f"{record['questions']['distinct_questions']} distinct questions, evaluation {tracker.seconds / 60:.1f} min"
     )
     del trainer
     return record
@@ -493,6 +736,15 @@ def add_run_arguments(parser) -> None:
     )
 
 
+def add_arms_argument(parser, default: Sequence[str]) -> None:
+    """`--arms`: which arms of `ARMS` a benchmark trains (read it with `parse_arms`)."""
+    parser.add_argument(
+        "--arms",
+        default=",".join(default),
+        help=f"comma-separated arms, of {', '.join(ARMS)} (default: {','.join(default)})",
+    )
+
+
 def resolve_run_arguments(args) -> tuple[list[int], EvalSpec, Path]:
     """Seeds, evaluation settings and output directory from the parsed options (`--smoke` shrinks everything)."""
     import torch
@@ -508,23 +760,27 @@ def resolve_run_arguments(args) -> tuple[list[int], EvalSpec, Path]:
     return seeds, spec, Path(args.output_dir) if args.output_dir else default
 
 
-def run_settings(args, seeds: list[int], spec: EvalSpec) -> dict:
+def run_settings(args, seeds: list[int], spec: EvalSpec, arms: Sequence[str]) -> dict:
     return {
         "seeds": seeds,
         "steps": args.steps,
         "eval": asdict(spec),
         "eval_temperature": 1.0,
         "eval_top_p": 1.0,
-        "recipes": {name: str(recipe_path(name).relative_to(REPO)) for name in TRAINER_NAMES},
+        "arms": {
+            name: {"trainer": ARMS[name].trainer, "overrides": list(ARMS[name].overrides), "label": ARMS[name].label}
+            for name in arms
+        },
+        "recipes": {
+            trainer: str(recipe_path(trainer).relative_to(REPO))
+            for trainer in dict.fromkeys(ARMS[name].trainer for name in arms)
+        },
     }
 
 
 def run_summary(record: dict) -> dict:
     """A run record without its model path, for the benchmark's JSON."""
     return {key: value for key, value in record.items() if key != "model_dir"}
-
-
-COLORS = {"grpo": "tab:blue", "flowrl": "tab:orange", "exgrpo": "tab:green", "exgrpo_no_replay": "tab:olive"}
 
 
 def plot_metric(ax, runs: dict[str, list[dict]], y, x="step", ylabel=None, xlabel=None) -> None:

@@ -1,131 +1,206 @@
 """Benchmark 2: does FlowRL keep more distinct correct reasoning paths than GRPO, at the same accuracy?
 
-    python benchmarks/bench_distribution_matching.py                 # 3 seeds x 300 steps per trainer
-    python benchmarks/bench_distribution_matching.py --seeds 0,1 --steps 100
-    python benchmarks/bench_distribution_matching.py --smoke         # a few seconds' check that it runs
+    python benchmarks/bench_distribution_matching.py                 # 5 arms x 3 seeds x 300 steps
+    python benchmarks/bench_distribution_matching.py --seeds 0,1 --steps 100 --arms grpo,flowrl_matching
+    python benchmarks/bench_distribution_matching.py --smoke         # a check that it runs (every arm, 2 steps)
 
-FlowRL and GRPO train the embedded tiny model on the built-in arithmetic task with the recipes' embedded settings
-(`recipes/configs/embedded/{flowrl,grpo}_arithmetic.yaml`: lr 1e-4, 8 problems x 8 completions per step, 300 steps,
-temperature 1.0, the math-verify reward), with the same seeds. Every `--eval-every` steps a callback samples
-`--eval-samples` completions at temperature 1.0 for each of `--eval-problems` fixed held-out problems and measures
-(see `arithmetic_runs.py`):
+Five arms (`arithmetic_runs.ARMS`) train the embedded tiny model on the built-in arithmetic task with the recipes'
+embedded settings (`recipes/configs/embedded/{grpo,flowrl}_arithmetic.yaml`: lr 1e-4, 8 problems x 8 completions per
+step, 300 steps, temperature 1.0, the math-verify reward), with the same seeds, interleaved by seed:
 
-- accuracy (avg@k, the mean correctness of the samples) and pass@k;
+- `grpo`: GRPO as the recipe has it (no KL term);
+- `grpo_kl`: GRPO with a KL term of coefficient 1/15 (`--beta 0.0667`). With the advantage as reward term and β = 15,
+  the official FlowRL objective's per-sample gradient is GRPO's plus a squared log-ratio pull toward the reference of
+  weight about 1/β: this arm is its fair baseline. TRL's default KL estimator and loss aggregation are kept;
+- `flowrl`: FlowRL's official objective (`--objective official --beta 15`), the paper's loss;
+- `flowrl_matching`: FlowRL's matching objective (`--objective matching --beta 5`), whose fixed point is p*;
+- `flowrl_matching_b15`: the matching objective with β = 15, a sharper target (the trade-off arm).
+
+Every `--eval-every` steps a callback samples `--eval-samples` completions at temperature 1.0 for each of
+`--eval-problems` fixed held-out problems and measures (see `arithmetic_runs.py`):
+
+- accuracy (avg@k, the mean correctness of the samples), pass@k and the rate of samples writing a valid path;
 - distinct correct paths per problem: how many different valid reasoning paths (exact path ids of the task) the
   correct samples of a problem take, averaged over all problems (0 for an unsolved problem);
 - entropy (nats) of the frequencies of the correct paths of a problem, averaged over the problems with a correct
-  sample.
+  sample;
+- over each problem's enumerated valid paths (all correct, same reward, so the target p* among them is the reference
+  renormalised): total variation and both KL divergences between the policy and the target, averaged over problems.
 
-Target (issue 6): FlowRL's distinct correct paths at the end at least 2x GRPO's (ratio of the means over seeds), with
-its accuracy within 5 points (FlowRL's mean accuracy at least GRPO's minus 5 points; higher is fine). Prints the
-per-seed and mean figures and whether the target is met, and writes `distribution_matching.json` and
-`distribution_matching.png` to `--output-dir`. Nothing is tuned to meet the target.
+Targets (issue 9), for `flowrl_matching` against `grpo`, on the means over seeds at the end of training: distinct
+correct paths at least 3x GRPO's, accuracy no more than 2 points below GRPO's, total variation to the target at most
+0.3. The same figures are reported for `flowrl_matching_b15` (information, not a target), and issue 6's former target
+for `flowrl` (2x the paths, within 5 points; superseded). Prints every figure, per seed and mean, and each target met
+or missed with its margin, and writes `distribution_matching.json` and `distribution_matching.png` to `--output-dir`.
+Nothing is tuned to meet a target.
 """
 
 import argparse
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import arithmetic_runs as ar
 
 
-TRAINERS = ("grpo", "flowrl")
+ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b15")
+BASELINE = "grpo"
+# (key of a curve point or of its "target" dict, label, scale for display, format)
 METRICS = (
-    ("accuracy", "accuracy (avg@k)", 100.0),
-    ("pass_at_k", "pass@k", 100.0),
-    ("distinct_correct_paths", "distinct correct paths / problem", 1.0),
-    ("distinct_correct_paths_solved", "... / solved problem", 1.0),
-    ("correct_path_entropy", "entropy over correct paths (nats)", 1.0),
-    ("valid_path_rate", "samples writing a valid path", 100.0),
-    ("distinct_answers", "distinct final answers / problem", 1.0),
+    ("accuracy", "accuracy (avg@k, %)", 100.0, "{:.1f}"),
+    ("pass_at_k", "pass@k (%)", 100.0, "{:.1f}"),
+    ("distinct_correct_paths", "distinct correct paths / problem", 1.0, "{:.2f}"),
+    ("distinct_correct_paths_solved", "... / solved problem", 1.0, "{:.2f}"),
+    ("correct_path_entropy", "entropy over correct paths (nats)", 1.0, "{:.3f}"),
+    ("valid_path_rate", "samples writing a valid path (%)", 100.0, "{:.1f}"),
+    ("distinct_answers", "distinct final answers / problem", 1.0, "{:.2f}"),
+    ("tv", "TV to the target", 1.0, "{:.3f}"),
+    ("kl", "KL(policy || target) (nats)", 1.0, "{:.3f}"),
+    ("kl_reverse", "KL(target || policy) (nats)", 1.0, "{:.3f}"),
+    ("policy_mass", "probability mass on valid paths", 1.0, "{:.3f}"),
 )
-PATHS_TARGET = 2.0
-ACCURACY_TOLERANCE = 0.05
+TARGET_KEYS = ("tv", "kl", "kl_reverse", "policy_mass")  # read from a curve point's "target" dict
+
+
+@dataclass(frozen=True)
+class Targets:
+    """An arm against the baseline: paths ratio at least `paths_ratio`, accuracy at most `accuracy_drop_points`
+    below, and (when set) total variation to the target at most `tv_max`."""
+
+    name: str
+    paths_ratio: float
+    accuracy_drop_points: float
+    tv_max: float | None = None
+
+
+ISSUE9 = Targets("issue 9", paths_ratio=3.0, accuracy_drop_points=2.0, tv_max=0.3)
+ISSUE6 = Targets("issue 6", paths_ratio=2.0, accuracy_drop_points=5.0)
+# (arm, targets, role): what each target set is evaluated on
+EVALUATIONS = (
+    ("flowrl_matching", ISSUE9, "target"),
+    ("flowrl_matching_b15", ISSUE9, "information"),
+    ("flowrl", ISSUE6, "superseded"),
+)
+
+
+def point_value(point: dict, key: str):
+    return point["target"][key] if key in TARGET_KEYS else point[key]
 
 
 def final_summary(records: list[dict]) -> dict:
-    """Each metric of the last evaluation point, over seeds."""
+    """Each metric of the last evaluation point, over seeds (a metric undefined for some seed is left out)."""
+    finals = [r["curve"][-1] for r in records]
     return {
-        key: ar.summarize([r["curve"][-1][key] for r in records])
-        for key, _, _ in METRICS
-        if all(r["curve"][-1][key] is not None for r in records)
+        key: ar.summarize([point_value(p, key) for p in finals])
+        for key, _, _, _ in METRICS
+        if all(point_value(p, key) is not None for p in finals)
     }
 
 
-def evaluate_target(final: dict) -> dict:
-    grpo, flowrl = final["grpo"], final["flowrl"]
-    grpo_paths, flowrl_paths = grpo["distinct_correct_paths"]["mean"], flowrl["distinct_correct_paths"]["mean"]
-    paths_ratio = flowrl_paths / grpo_paths if grpo_paths > 0 else None  # None: GRPO solved nothing
-    gap = flowrl["accuracy"]["mean"] - grpo["accuracy"]["mean"]
-    per_seed_ratio = [
-        f / g if g > 0 else None
-        for f, g in zip(flowrl["distinct_correct_paths"]["per_seed"], grpo["distinct_correct_paths"]["per_seed"])
-    ]
-    paths_met = flowrl_paths > 0 if paths_ratio is None else paths_ratio >= PATHS_TARGET
-    accuracy_met = gap >= -ACCURACY_TOLERANCE
+def check_value(value, per_seed, threshold: float, at_least: bool) -> dict:
+    """`value` against `threshold`; `margin` is how far it clears it (negative: by how much it misses)."""
+    margin = None if value is None else (value - threshold if at_least else threshold - value)
     return {
-        "description": "FlowRL distinct correct paths >= 2x GRPO's, FlowRL accuracy >= GRPO's - 5 points",
-        "paths_ratio": paths_ratio,
-        "paths_ratio_per_seed": per_seed_ratio,
-        "paths_target": PATHS_TARGET,
-        "paths_met": paths_met,
-        "paths_shortfall": None if paths_met or paths_ratio is None else PATHS_TARGET - paths_ratio,
-        "accuracy_gap_points": 100 * gap,
-        "accuracy_gap_per_seed_points": [
-            100 * (f - g) for f, g in zip(flowrl["accuracy"]["per_seed"], grpo["accuracy"]["per_seed"])
-        ],
-        "accuracy_tolerance_points": 100 * ACCURACY_TOLERANCE,
-        "accuracy_met": accuracy_met,
-        "met": paths_met and accuracy_met,
+        "value": value,
+        "per_seed": per_seed,
+        "threshold": threshold,
+        "comparison": ">=" if at_least else "<=",
+        "met": margin is not None and margin >= 0,
+        "margin": margin,
     }
 
 
-def print_report(initial: dict, final: dict, target: dict, seeds: list[int]) -> None:
-    width = 36
-    print(f"\nHeld-out figures at the end of training (seeds {seeds}; per-seed values in brackets):")
-    print(f"{'':{width}s} {'initial':>8s} {'GRPO':>24s} {'FlowRL':>24s}")
-    for key, label, scale in METRICS:
-        if key not in final["grpo"] or key not in final["flowrl"]:
-            continue
-        cells = []
-        for name in TRAINERS:
-            s = final[name][key]
-            per_seed = ", ".join(f"{scale * v:.2f}" for v in s["per_seed"])
-            cells.append(f"{scale * s['mean']:6.2f} [{per_seed}]")
-        start = initial.get(key)
-        start_text = f"{scale * start:8.2f}" if start is not None else f"{'-':>8s}"
-        print(f"{label:{width}s} {start_text} {cells[0]:>24s} {cells[1]:>24s}")
+def evaluate_targets(final: dict, arm: str, targets: Targets, baseline: str = BASELINE, role: str = "target") -> dict:
+    """`targets` for `arm` against `baseline`, from `final_summary` results of each (means over seeds; per-seed
+    figures pair the runs of the same seed).
+
+    Checks: `paths_ratio` (arm's distinct correct paths / the baseline's; undefined, and met only if the arm has some,
+    when the baseline has none), `accuracy_gap` (arm - baseline, in points) and, with `targets.tv_max`, `tv`.
+    """
+    a, b = final[arm], final[baseline]
+    arm_paths, base_paths = a["distinct_correct_paths"], b["distinct_correct_paths"]
+    ratio = arm_paths["mean"] / base_paths["mean"] if base_paths["mean"] > 0 else None
+    per_seed = [x / y if y > 0 else None for x, y in zip(arm_paths["per_seed"], base_paths["per_seed"])]
+    paths = check_value(ratio, per_seed, targets.paths_ratio, at_least=True)
+    if ratio is None:  # the baseline found no correct path: any correct path is infinitely many times more
+        paths["met"] = arm_paths["mean"] > 0
+    gap = 100 * (a["accuracy"]["mean"] - b["accuracy"]["mean"])
+    gaps = [100 * (x - y) for x, y in zip(a["accuracy"]["per_seed"], b["accuracy"]["per_seed"])]
+    checks = {
+        "paths_ratio": paths,
+        "accuracy_gap": check_value(gap, gaps, -targets.accuracy_drop_points, at_least=True),
+    }
+    if targets.tv_max is not None:
+        checks["tv"] = check_value(a["tv"]["mean"], a["tv"]["per_seed"], targets.tv_max, at_least=False)
+    return {
+        "targets": targets.name,
+        "definition": asdict(targets),
+        "role": role,
+        "arm": arm,
+        "baseline": baseline,
+        "checks": checks,
+        "met": all(c["met"] for c in checks.values()),
+    }
+
+
+def describe_check(name: str, check: dict, baseline: str = "the baseline") -> str:
+    """One line of the console report for a check of `evaluate_targets`."""
+    fmt = {"paths_ratio": "{:.2f}x", "accuracy_gap": "{:+.1f} points", "tv": "{:.3f}"}[name]
+    title = {
+        "paths_ratio": f"distinct correct paths / {baseline}'s",
+        "accuracy_gap": f"accuracy - {baseline}'s",
+        "tv": "TV to the target",
+    }[name]
+    value = "undefined (the baseline has none)" if check["value"] is None else fmt.format(check["value"])
+    seeds = ", ".join("-" if v is None else fmt.format(v) for v in check["per_seed"])
+    if check["margin"] is None:
+        verdict = "met" if check["met"] else "MISSED"
+    else:
+        margin = fmt.format(abs(check["margin"])).lstrip("+")
+        verdict = f"met (margin {margin})" if check["met"] else f"MISSED by {margin}"
+    return f"{title}: {value} (per seed {seeds}); target {check['comparison']} {fmt.format(check['threshold'])}: {verdict}"
+
+
+def print_report(initial: dict, final: dict, evaluations: list[dict], seeds: list[int], arms: list[str]) -> None:
+    width, column = 36, 21
     print(
-        f"\nTarget: FlowRL >= {PATHS_TARGET:.0f}x GRPO's distinct correct paths, accuracy within "
-        f"{100 * ACCURACY_TOLERANCE:.0f} points."
+        "\nArms: "
+        + "; ".join(f"{name} = {ar.LABELS[name]} ({' '.join(ar.ARMS[name].overrides) or 'recipe'})" for name in arms)
     )
-    ratio_text = ", ".join("-" if r is None else f"{r:.2f}" for r in target["paths_ratio_per_seed"])
-    ratio = "undefined (GRPO has none)" if target["paths_ratio"] is None else f"{target['paths_ratio']:.2f}x"
-    shortfall = target["paths_shortfall"]
-    print(
-        f"  paths ratio FlowRL/GRPO: {ratio} (per seed {ratio_text}): "
-        + ("met" if target["paths_met"] else "MISSED" + ("" if shortfall is None else f" by {shortfall:.2f}x"))
-    )
-    gaps = ", ".join(f"{g:+.1f}" for g in target["accuracy_gap_per_seed_points"])
-    print(
-        f"  accuracy FlowRL - GRPO: {target['accuracy_gap_points']:+.1f} points (per seed {gaps}): "
-        + ("met" if target["accuracy_met"] else "MISSED")
-    )
-    print(f"  target {'met' if target['met'] else 'missed'}")
+    tables = [("mean over seeds", lambda s, scale, fmt: fmt.format(scale * s["mean"]))]
+    if len(seeds) > 1:
+        tables.append(("per seed", lambda s, scale, fmt: "/".join(fmt.format(scale * v) for v in s["per_seed"])))
+    for title, cell in tables:
+        print(f"\nHeld-out figures at the end of training, {title} (seeds {seeds}):")
+        print(f"{'':{width}s} {'initial':>8s} " + " ".join(f"{name:>{column}s}" for name in arms))
+        for key, label, scale, fmt in METRICS:
+            start = point_value(initial, key)
+            cells = [cell(final[name][key], scale, fmt) if key in final[name] else "-" for name in arms]
+            start_text = "-" if start is None else fmt.format(scale * start)
+            print(f"{label:{width}s} {start_text:>8s} " + " ".join(f"{c:>{column}s}" for c in cells))
+    for evaluation in evaluations:
+        print(
+            f"\n{evaluation['targets']} ({evaluation['role']}): {ar.LABELS[evaluation['arm']]} against "
+            f"{ar.LABELS[evaluation['baseline']]}: {'met' if evaluation['met'] else 'MISSED'}"
+        )
+        for name, check in evaluation["checks"].items():
+            print("  " + describe_check(name, check, ar.LABELS[evaluation["baseline"]]))
 
 
 def plot(runs: dict, path) -> None:
     plt = ar.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    ar.plot_metric(axes[0], runs, lambda p: 100 * p["accuracy"], ylabel="held-out accuracy (avg@k, %)")
-    ar.plot_metric(axes[1], runs, "distinct_correct_paths", ylabel="distinct correct paths per problem")
-    ar.plot_metric(
-        axes[2], runs, lambda p: p["correct_path_entropy"] or 0.0, ylabel="entropy over correct paths (nats)"
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    panels = (
+        (lambda p: 100 * p["accuracy"], "held-out accuracy (avg@k, %)"),
+        ("distinct_correct_paths", "distinct correct paths per problem"),
+        (lambda p: p["correct_path_entropy"] or 0.0, "entropy over correct paths (nats)"),
+        (lambda p: p["target"]["tv"], "total variation to the target"),
     )
-    for ax in axes:
+    for ax, (y, ylabel) in zip(axes.flat, panels):
+        ar.plot_metric(ax, runs, y, ylabel=ylabel)
         ax.set_xlabel("training step")
-    axes[0].legend()
-    fig.suptitle("FlowRL vs GRPO on the embedded arithmetic task (held-out, temperature 1.0)")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("The arms on the embedded arithmetic task (held-out, temperature 1.0)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -134,30 +209,39 @@ def plot(runs: dict, path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ar.add_run_arguments(parser)
+    ar.add_arms_argument(parser, ARMS)
     args = parser.parse_args(argv)
+    try:
+        arms = ar.parse_arms(args.arms, ARMS)
+    except ValueError as error:
+        parser.error(str(error))
     seeds, spec, output_dir = ar.resolve_run_arguments(args)
     ar.quiet()
     start = time.perf_counter()
 
-    runs = {name: [] for name in TRAINERS}
-    for seed in seeds:  # interleaved, so that a slow spell of the machine does not fall on one trainer
-        for name in TRAINERS:
+    runs = {name: [] for name in arms}
+    for seed in seeds:  # interleaved, so that a slow spell of the machine does not fall on one arm
+        for name in arms:
             runs[name].append(
                 ar.tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
             )
 
-    initial = runs["grpo"][0]["curve"][0]
+    initial = runs[arms[0]][0]["curve"][0]  # every arm starts from the same model and sampling seed
     final = {name: final_summary(records) for name, records in runs.items()}
-    target = evaluate_target(final)
-    print_report(initial, final, target, seeds)
+    evaluations = [
+        evaluate_targets(final, arm, targets, role=role)
+        for arm, targets, role in EVALUATIONS
+        if arm in final and BASELINE in final
+    ]
+    print_report(initial, final, evaluations, seeds, arms)
 
-    report = ar.report_header("distribution_matching", args.smoke, ar.run_settings(args, seeds, spec))
+    report = ar.report_header("distribution_matching", args.smoke, ar.run_settings(args, seeds, spec, arms))
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,
-            "initial": {key: initial[key] for key, _, _ in METRICS},
+            "initial": {key: point_value(initial, key) for key, _, _, _ in METRICS},
             "final": final,
-            "target": target,
+            "evaluations": evaluations,
             "runs": {name: [ar.run_summary(r) for r in records] for name, records in runs.items()},
         }
     )

@@ -36,7 +36,7 @@ import arithmetic_runs as ar
 
 TRAINERS = ("grpo", "exgrpo")
 ROLLOUTS_TARGET = 0.7
-ABLATION = ("exgrpo_no_replay", "exgrpo", ["--replay_ratio", "0.0"])
+ABLATION = "exgrpo_no_replay"  # the arm of arithmetic_runs.ARMS: ExGRPO with --replay_ratio 0.0
 
 
 def crossing(grpo_curves: list[list[dict]], exgrpo_curves: list[list[dict]], x_key: str) -> dict:
@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
 
     runs = {name: [] for name in TRAINERS}
-    ablation_key, ablation_trainer, ablation_overrides = ABLATION
+    ablation_key = ABLATION
+    ablation_overrides = list(ar.ARMS[ABLATION].overrides)
     if not args.no_ablation:
         runs[ablation_key] = []
     for seed in seeds:
@@ -85,13 +86,7 @@ def main(argv=None) -> dict:
         if not args.no_ablation:
             runs[ablation_key].append(
                 ar.tracked_run(
-                    ablation_trainer,
-                    seed,
-                    args.steps,
-                    spec,
-                    cache_dir=args.cache_dir,
-                    use_cache=not args.no_cache,
-                    extra_overrides=ablation_overrides,
+                    ablation_key, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache
                 )
             )
     grpo_curves = [r["curve"] for r in runs["grpo"]]
@@ -198,7 +193,7 @@ def main(argv=None) -> dict:
             f"{fmt_ratio(ablation['no_replay_to_reach_grpo_final']['ratio'])} of GRPO's."
         )
 
-    report = ar.report_header("experience", args.smoke, ar.run_settings(args, seeds, spec))
+    report = ar.report_header("experience", args.smoke, ar.run_settings(args, seeds, spec, list(runs)))
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,

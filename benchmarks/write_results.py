@@ -23,10 +23,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+# Names of the trainers (benchmark 1: whatever objective the embedded recipe uses) and of the arms; a report's own
+# labels (settings["arms"], written by benchmarks 2 to 4) win.
 LABELS = {
     "grpo": "GRPO",
     "grpo_kl": "GRPO + KL",
     "flowrl": "FlowRL",
+    "flowrl_matching": "FlowRL matching",
+    "flowrl_matching_b15": "FlowRL matching (beta 15)",
     "exgrpo": "ExGRPO",
     "exgrpo_no_replay": "ExGRPO with replay_ratio 0",
 }
@@ -43,8 +47,9 @@ COMMANDS = {
 }
 
 
-def _label(name: str) -> str:
-    return LABELS.get(name, name)
+def _label(name: str, report: dict | None = None) -> str:
+    arms = (report or {}).get("settings", {}).get("arms", {})
+    return arms[name]["label"] if name in arms else LABELS.get(name, name)
 
 
 def _verdict(met: bool) -> str:
@@ -88,7 +93,7 @@ def _compute_time(report: dict) -> str:
         name: sum(r["train_seconds"] for r in records) / sum(r["steps"] for r in records)
         for name, records in report["runs"].items()
     }
-    steps = ", ".join(f"{_label(n)} {v:.2f} s" for n, v in per_step.items())
+    steps = ", ".join(f"{_label(n, report)} {v:.2f} s" for n, v in per_step.items())
     return (
         f"Runs used: {len(runs)} (a run shared with another benchmark is counted in each), {_minutes(train)} of "
         f"training and {_minutes(evaluation)} of held-out evaluation "
@@ -134,6 +139,9 @@ DM_METRICS = (
     ("distinct_correct_paths_solved", "distinct correct paths per solved problem", 1.0, "{:.2f}"),
     ("correct_path_entropy", "entropy over correct paths (nats)", 1.0, "{:.3f}"),
     ("valid_path_rate", "samples writing a valid path (%)", 100.0, "{:.1f}"),
+    ("tv", "total variation to the target", 1.0, "{:.3f}"),
+    ("kl", "KL(policy ‖ target) (nats)", 1.0, "{:.3f}"),
+    ("kl_reverse", "KL(target ‖ policy) (nats)", 1.0, "{:.3f}"),
 )
 
 
@@ -147,37 +155,83 @@ def _settings_line(report: dict) -> str:
     )
 
 
+def _arms_line(report: dict) -> str:
+    """What each arm is: its trainer's embedded recipe plus its overrides."""
+    arms = report.get("settings", {}).get("arms", {})
+    if not arms:
+        return ""
+    parts = [
+        f"{a['label']}: " + (f"`{' '.join(a['overrides'])}`" if a["overrides"] else "the recipe's settings")
+        for a in arms.values()
+    ]
+    return "Arms (the trainer's embedded recipe plus these flags): " + "; ".join(parts) + "."
+
+
+def _table(header: str, arms: list[str], rows: list[tuple[str, list[str]]], report: dict, first=()) -> list[str]:
+    """A markdown table with one column per arm (after the optional `first` columns)."""
+    columns = [*first, *(_label(name, report) for name in arms)]
+    lines = ["| " + " | ".join([header, *columns]) + " |", "|---|" + "---:|" * len(columns)]
+    return lines + ["| " + " | ".join([label, *cells]) + " |" for label, cells in rows]
+
+
+def _mean_and_seeds(s: dict, fmt: str, scale: float = 1.0) -> str:
+    return f"{fmt.format(scale * s['mean'])} ({_per_seed(s['per_seed'], fmt, scale)})"
+
+
+CHECKS = {  # name: (what, format of its values)
+    "paths_ratio": ("distinct correct paths, ratio to {baseline}'s", "{:.2f}x"),
+    "accuracy_gap": ("accuracy minus {baseline}'s", "{:+.1f} points"),
+    "tv": ("total variation to the target", "{:.3f}"),
+}
+
+
+def _check_line(name: str, check: dict, baseline: str) -> str:
+    what, fmt = CHECKS[name]
+    value = "undefined (the baseline has none)" if check["value"] is None else fmt.format(check["value"])
+    seeds = ", ".join("-" if v is None else fmt.format(v) for v in check["per_seed"])
+    bound = "at least" if check["comparison"] == ">=" else "at most"
+    verdict = _verdict(check["met"])
+    if check["margin"] is not None:
+        margin = fmt.format(abs(check["margin"])).lstrip("+")
+        verdict += f" (margin {margin})" if check["met"] else f", short by {margin}"
+    return (
+        f"- {what[0].upper()}{what[1:].format(baseline=baseline)}: {value} (per seed {seeds}); target {bound} "
+        f"{fmt.format(check['threshold'])}: {verdict}."
+    )
+
+
+def _evaluation_lines(evaluation: dict, report: dict) -> list[str]:
+    arm, baseline = _label(evaluation["arm"], report), _label(evaluation["baseline"], report)
+    intro = {
+        "target": f"Targets ({evaluation['targets']}), {arm} against {baseline}: {_verdict(evaluation['met'])}.",
+        "information": f"The same figures for {arm} against {baseline} (information, not a target): "
+        f"{'all met' if evaluation['met'] else 'not all met'}.",
+        "superseded": f"The former target of {evaluation['targets']}, {arm} against {baseline}: "
+        f"{'met' if evaluation['met'] else 'missed'}.",
+    }[evaluation["role"]]
+    return ["", intro] + [_check_line(n, c, baseline) for n, c in evaluation["checks"].items()]
+
+
 def render_distribution_matching(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
-    lines = ["### 2. Distribution matching: FlowRL vs GRPO on the embedded task", ""]
+    lines = ["### 2. Distribution matching: GRPO, GRPO + KL and FlowRL's two objectives on the embedded task", ""]
     lines += _provenance(report, "distribution_matching")
     lines[-1] += " " + _settings_line(report) + " " + _compute_time(report)
+    arms_line = _arms_line(report)
+    if arms_line:
+        lines += ["", arms_line]
     final, initial = report["final"], report["initial"]
-    lines += [
-        "",
-        "| at the end of training | initial | GRPO mean (per seed) | FlowRL mean (per seed) |",
-        "|---|---:|---:|---:|",
-    ]
+    arms = list(final)
+    rows = []
     for key, label, scale, fmt in DM_METRICS:
-        if key not in final["grpo"] or key not in final["flowrl"]:
+        if key not in initial and all(key not in final[name] for name in arms):
             continue
         start = initial.get(key)
         cells = [fmt.format(scale * start) if start is not None else "-"]
-        for name in ("grpo", "flowrl"):
-            s = final[name][key]
-            cells.append(f"{fmt.format(scale * s['mean'])} ({_per_seed(s['per_seed'], fmt, scale)})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    t = report["target"]
-    ratio = "undefined" if t["paths_ratio"] is None else f"{t['paths_ratio']:.2f}x"
-    per_seed = ", ".join("-" if r is None else f"{r:.2f}x" for r in t["paths_ratio_per_seed"])
-    miss = "" if t["paths_met"] or t["paths_shortfall"] is None else f", short by {t['paths_shortfall']:.2f}x"
-    lines += [
-        "",
-        f"Target: FlowRL at least {t['paths_target']:.0f}x GRPO's distinct correct paths, with accuracy within "
-        f"{t['accuracy_tolerance_points']:.0f} points: {_verdict(t['met'])}.",
-        f"- Distinct correct paths, FlowRL / GRPO: {ratio} (per seed {per_seed}), {_verdict(t['paths_met'])}{miss}.",
-        f"- Accuracy, FlowRL - GRPO: {t['accuracy_gap_points']:+.1f} points (per seed "
-        f"{', '.join(f'{g:+.1f}' for g in t['accuracy_gap_per_seed_points'])}), {_verdict(t['accuracy_met'])}.",
-    ]
+        cells += [_mean_and_seeds(final[name][key], fmt, scale) if key in final[name] else "-" for name in arms]
+        rows.append((label, cells))
+    lines += [""] + _table("at the end of training, mean (per seed)", arms, rows, report, first=("initial",))
+    for evaluation in report.get("evaluations", []):
+        lines += _evaluation_lines(evaluation, report)
     return lines + _image(results_dir, readme_dir, "distribution_matching", "distribution matching curves")
 
 
@@ -264,43 +318,47 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
 # -- benchmark 4 ---------------------------------------------------------------------------------------------------
 
 
+TD_ROWS = (
+    ("tv", "total variation to the target"),
+    ("kl", "KL(policy ‖ target) (nats)"),
+    ("kl_reverse", "KL(target ‖ policy) (nats)"),
+    ("policy_mass", "probability mass on valid paths"),
+    ("policy_entropy", "entropy over the valid paths (nats)"),
+    ("policy_top", "largest probability of a path (renormalised)"),
+    ("policy_on_reference_top", "probability of the target's likeliest path"),
+)
+
+
 def render_target_distribution(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
     lines = ["### 4. Distance to FlowRL's target distribution over the correct paths", ""]
     lines += _provenance(report, "target_distribution")
     s = report["settings"]
     lines[-1] += (
-        f" The final policies of the runs above (seeds {', '.join(map(str, s['seeds']))}, {s['steps']} steps) on "
-        f"{s['problems']} held-out problems, every valid path enumerated ({report['paths_per_problem']:.1f} per "
-        "problem on average); the target among them is the reference model renormalised."
+        f" The final policies of the runs of benchmark 2 (seeds {', '.join(map(str, s['seeds']))}, {s['steps']} "
+        f"steps) on {s['problems']} held-out problems, every valid path enumerated ({report['paths_per_problem']:.1f} "
+        "per problem on average); the target among them is the reference model renormalised. The matching "
+        "objective's fixed point is that target; the official objective's is π_ref · exp(β · |y| · A), not it."
     )
     summary = report["summary"]
-    rows = (
-        ("tv", "total variation to the target"),
-        ("kl", "KL(policy ‖ target) (nats)"),
-        ("kl_reverse", "KL(target ‖ policy) (nats)"),
-        ("policy_mass", "probability mass on valid paths"),
-        ("policy_entropy", "entropy over the valid paths (nats)"),
-        ("policy_top", "largest probability of a path (renormalised)"),
-        ("policy_on_reference_top", "probability of the target's likeliest path"),
-    )
-    lines += ["", "| final policy | GRPO mean (per seed) | FlowRL mean (per seed) |", "|---|---:|---:|"]
-    for key, label in rows:
-        cells = [
-            f"{summary[name][key]['mean']:.3f} ({_per_seed(summary[name][key]['per_seed'], '{:.3f}')})"
-            for name in ("grpo", "flowrl")
-        ]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    reference_mass = summary["grpo"]["reference_mass"]["mean"]
-    reference_entropy = summary["grpo"]["reference_entropy"]["mean"]
+    arms = list(summary)
+    rows = [(label, [_mean_and_seeds(summary[name][key], "{:.3f}") for name in arms]) for key, label in TD_ROWS]
+    lines += [""] + _table("final policy, mean (per seed)", arms, rows, report)
+    reference = report.get("reference") or {
+        key: summary[arms[0]][f"reference_{key}"]["mean"] for key in ("mass", "entropy", "top")
+    }
     collapsed, uniform = report["anchors"]["collapsed"], report["anchors"]["uniform"]
     lines += [
         "",
-        f"The reference (the target) puts {reference_mass:.3f} of its mass on valid paths, with entropy "
-        f"{reference_entropy:.3f} nats over them; its likeliest path has {summary['grpo']['reference_top']['mean']:.3f} "
-        "of the renormalised mass. For scale: a policy collapsed onto the reference's likeliest path "
-        f"would be at total variation {collapsed['tv']:.3f} and KL {collapsed['kl']:.3f} nats; the uniform "
-        f"distribution over the paths at {uniform['tv']:.3f} and {uniform['kl']:.3f} nats.",
+        f"The reference (the target) puts {reference['mass']:.3f} of its mass on valid paths, with entropy "
+        f"{reference['entropy']:.3f} nats over them; its likeliest path has {reference['top']:.3f} of the "
+        "renormalised mass. For scale: a policy collapsed onto the reference's likeliest path would be at total "
+        f"variation {collapsed['tv']:.3f} and KL {collapsed['kl']:.3f} nats; the uniform distribution over the paths "
+        f"at {uniform['tv']:.3f} and {uniform['kl']:.3f} nats.",
     ]
+    for t in report.get("tv_targets", []):
+        role = "target" if t["role"] == "target" else "information, not a target"
+        lines += ["", f"{t['targets'].capitalize()}'s bound on these problems, {_label(t['arm'], report)} ({role}):"]
+        lines.append(_check_line("tv", t["check"], ""))
     return lines + _image(results_dir, readme_dir, "target_distribution", "distance to the target distribution")
 
 

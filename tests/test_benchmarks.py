@@ -1,14 +1,17 @@
-"""The benchmark scripts of the embedded task: their pure functions, a smoke run of each, and the results writer.
+"""The benchmark scripts of the embedded task: their pure functions, the arms, a smoke run of each, and the results
+writer.
 
-The smoke runs share one run cache, so benchmark 3 reuses benchmark 2's GRPO run and benchmark 4 both of its runs, as
-the full benchmarks do.
+The smoke runs share one run cache, so benchmark 3 reuses benchmark 2's GRPO run and benchmark 4 the runs of all of
+benchmark 2's arms, as the full benchmarks do; between them they train every arm of `arithmetic_runs.ARMS` once.
 """
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import arithmetic_runs as ar  # noqa: E402
+import bench_distribution_matching as bdm  # noqa: E402
 import write_results  # noqa: E402
 
 
@@ -92,6 +96,168 @@ def test_mean_curve_and_summarize():
     assert ar.summarize([5.0])["std"] == 0.0
 
 
+def test_parse_arms():
+    assert ar.parse_arms(None, ("grpo", "flowrl")) == ["grpo", "flowrl"]
+    assert ar.parse_arms(" ", ("grpo",)) == ["grpo"]
+    assert ar.parse_arms("flowrl_matching, grpo", ("grpo",)) == ["flowrl_matching", "grpo"]  # the order given
+    for bad in ("grpo,nope", "grpo,grpo"):
+        with pytest.raises(ValueError, match="distinct arms"):
+            ar.parse_arms(bad, ("grpo",))
+
+
+def test_question_counts():
+    assert ar.question_counts({"a", "b"}) == {
+        "distinct_questions": 2,
+        "distinct_questions_sampled": 2,
+        "source": "sampler",
+    }
+    # a trainer that says what it trained on decides (ExGRPO: the sampler's stream is not what it trains on)
+    counts = ar.question_counts({"a", "b", "c"}, fresh={"a", "b"}, replays={"a": 2, "z": 1})
+    assert counts["distinct_questions"] == 3 and counts["distinct_questions_sampled"] == 3
+    assert counts["distinct_fresh_questions"] == 2 and counts["distinct_replayed_questions"] == 2
+    assert counts["replays"] == 3 and counts["max_replays_per_question"] == 2 and counts["source"] == "trainer"
+
+
+def test_arms_registry():
+    assert {"grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b15"} <= set(ar.ARMS)
+    assert {"exgrpo", "exgrpo_no_replay"} <= set(ar.ARMS)
+    assert all(arm.trainer in ar.TRAINER_NAMES for arm in ar.ARMS.values())
+    assert len({arm.color for arm in ar.ARMS.values()}) == len(ar.ARMS)
+    assert ar.ARMS["grpo_kl"].overrides == ("--beta", "0.0667")  # 1/15, the official objective's pull
+    assert ar.ARMS["flowrl"].overrides == ("--objective", "official", "--beta", "15")
+    assert ar.ARMS["flowrl_matching"].overrides == ("--objective", "matching", "--beta", "5")
+    assert ar.ARMS["flowrl_matching_b15"].overrides == ("--objective", "matching", "--beta", "15")
+    assert ar.ARMS["exgrpo_no_replay"].overrides == ("--replay_ratio", "0.0")
+
+
+@pytest.mark.parametrize("name", sorted(ar.ARMS))
+def test_arm_resolves_to_what_it_stands_for(name, tmp_path):
+    """Each arm, parsed with its trainer's embedded recipe, gives the settings it names (whatever that recipe's own
+    objective), and a setting that differs is refused unless overridden on purpose."""
+    from trl_flowrl.recipe import parse_recipe_args
+
+    arm = ar.ARMS[name]
+    _, config_cls = ar._trainer_classes(arm.trainer)
+    argv = [*arm.overrides, "--output_dir", str(tmp_path)]
+    _, training_args, _ = parse_recipe_args(config_cls, ar.recipe_path(arm.trainer), argv=argv)
+    ar._check_expected(name, training_args, [])
+    for key, value in arm.expect.items():
+        assert getattr(training_args, key) == value
+    if arm.expect:
+        key = next(iter(arm.expect))
+        changed = types.SimpleNamespace(**{**vars(training_args), key: "something else"})
+        with pytest.raises(ValueError, match=f"stands for {key}="):
+            ar._check_expected(name, changed, [])
+        ar._check_expected(name, changed, [f"--{key}", "x"])  # the caller overrode it: allowed
+
+
+def test_run_key_and_model_identity(tmp_path):
+    spec = ar.EvalSpec()
+    embedded = ar._model_identity(None)
+    assert embedded["embedded"] and ar._model_identity(embedded["path"]) == embedded
+    copy = shutil.copytree(embedded["path"], tmp_path / "copy")  # the same files elsewhere: the same runs
+    assert ar._model_identity(copy)["digest"] == embedded["digest"] and not ar._model_identity(copy)["embedded"]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "weights.bin").write_bytes(b"\x00" * 10)
+    other = ar._model_identity(model)
+    assert not other["embedded"] and len(other["digest"]) == 64
+    keys = {
+        ar._run_key("grpo", [], spec, embedded),
+        ar._run_key("grpo", ["--beta", "0.0667"], spec, embedded),
+        ar._run_key("grpo", [], spec, other),
+        ar._run_key("grpo", [], ar.EvalSpec(num_problems=8), embedded),
+    }
+    assert len(keys) == 4
+    assert ar._run_key("grpo", [], spec, other) == ar._run_key("grpo", [], spec, ar._model_identity(model))
+    (model / "weights.bin").write_bytes(b"\x01" * 10)  # other weights: another run
+    assert ar._model_identity(model)["digest"] != other["digest"]
+    with pytest.raises(ValueError, match="local model directory"):
+        ar._model_identity(tmp_path / "missing")
+
+
+def test_tracked_run_refuses_bad_arguments(tmp_path):
+    spec = ar.EvalSpec()
+    with pytest.raises(ValueError, match="Unknown arm"):
+        ar.tracked_run("nope", 0, 1, spec, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="model_path"):
+        ar.tracked_run("grpo", 0, 1, spec, cache_dir=tmp_path, extra_overrides=["--model_name_or_path", "x"])
+    assert not any(tmp_path.iterdir())
+
+
+def _final(paths, accuracy, tv):
+    """A hand-made `final_summary` entry from per-seed values."""
+    return {
+        "distinct_correct_paths": ar.summarize(paths),
+        "accuracy": ar.summarize(accuracy),
+        "tv": ar.summarize(tv),
+    }
+
+
+def test_evaluate_targets_met_and_missed():
+    grpo = _final([2.0, 2.0], [0.80, 0.84], [0.80, 0.82])
+    met = bdm.evaluate_targets({"grpo": grpo, "m": _final([6.0, 7.0], [0.81, 0.82], [0.2, 0.3])}, "m", bdm.ISSUE9)
+    checks = met["checks"]
+    assert met["met"] and met["arm"] == "m" and met["baseline"] == "grpo" and met["role"] == "target"
+    assert checks["paths_ratio"]["value"] == pytest.approx(3.25) and checks["paths_ratio"]["margin"] == pytest.approx(
+        0.25
+    )
+    assert checks["paths_ratio"]["per_seed"] == pytest.approx([3.0, 3.5])
+    assert checks["accuracy_gap"]["value"] == pytest.approx(-0.5)  # points: 81.5 - 82.0
+    assert checks["accuracy_gap"]["margin"] == pytest.approx(1.5) and checks["accuracy_gap"]["threshold"] == -2.0
+    assert checks["tv"]["value"] == pytest.approx(0.25) and checks["tv"]["margin"] == pytest.approx(0.05)
+
+    # missed on every count, each by a known margin: paths 2.5x (short 0.5x), -3 points (1 over), TV 0.35 (0.05 over)
+    missed = bdm.evaluate_targets(
+        {"grpo": grpo, "m": _final([5.0, 5.0], [0.77, 0.81], [0.35, 0.35])}, "m", bdm.ISSUE9, role="information"
+    )
+    checks = missed["checks"]
+    assert not missed["met"] and missed["role"] == "information"
+    assert not checks["paths_ratio"]["met"] and checks["paths_ratio"]["margin"] == pytest.approx(-0.5)
+    assert not checks["accuracy_gap"]["met"] and checks["accuracy_gap"]["margin"] == pytest.approx(-1.0)
+    assert not checks["tv"]["met"] and checks["tv"]["margin"] == pytest.approx(-0.05)
+    assert bdm.describe_check("paths_ratio", checks["paths_ratio"], "GRPO") == (
+        "distinct correct paths / GRPO's: 2.50x (per seed 2.50x, 2.50x); target >= 3.00x: MISSED by 0.50x"
+    )
+    assert bdm.describe_check("accuracy_gap", checks["accuracy_gap"]).endswith("MISSED by 1.0 points")
+    # exactly at a threshold is met, with margin 0
+    edge = bdm.evaluate_targets({"grpo": grpo, "m": _final([6.0, 6.0], [0.8, 0.8], [0.1, 0.1])}, "m", bdm.ISSUE9)
+    assert edge["checks"]["paths_ratio"]["met"] and edge["checks"]["paths_ratio"]["margin"] == 0.0
+    assert bdm.describe_check("tv", edge["checks"]["tv"]).endswith("met (margin 0.200)")
+
+    # one target missed is enough to miss; issue 6's targets have no TV check
+    only_tv = bdm.evaluate_targets({"grpo": grpo, "m": _final([9.0, 9.0], [0.9, 0.9], [0.31, 0.31])}, "m", bdm.ISSUE9)
+    assert [c["met"] for c in only_tv["checks"].values()] == [True, True, False] and not only_tv["met"]
+    assert set(bdm.evaluate_targets({"grpo": grpo, "m": grpo}, "m", bdm.ISSUE6)["checks"]) == {
+        "paths_ratio",
+        "accuracy_gap",
+    }
+
+    # a baseline without a correct path: the ratio is undefined, met only if the arm has some
+    none = _final([0.0, 0.0], [0.0, 0.0], [0.9, 0.9])
+    undefined = bdm.evaluate_targets({"grpo": none, "m": _final([1.0, 0.0], [0.1, 0.0], [0.1, 0.1])}, "m", bdm.ISSUE9)
+    paths = undefined["checks"]["paths_ratio"]
+    assert paths["value"] is None and paths["margin"] is None and paths["met"] and paths["per_seed"] == [None, None]
+    assert not bdm.evaluate_targets({"grpo": none, "m": none}, "m", bdm.ISSUE9)["checks"]["paths_ratio"]["met"]
+
+
+def test_results_writer_target_lines():
+    grpo = _final([2.0, 2.0], [0.80, 0.84], [0.80, 0.82])
+    missed = bdm.evaluate_targets({"grpo": grpo, "m": _final([5.0, 5.0], [0.77, 0.81], [0.35, 0.35])}, "m", bdm.ISSUE9)
+    report = {"settings": {"arms": {"m": {"label": "FlowRL matching (beta 5)"}, "grpo": {"label": "GRPO"}}}}
+    lines = write_results._evaluation_lines(missed, report)
+    assert lines[1] == "Targets (issue 9), FlowRL matching (beta 5) against GRPO: **missed**."
+    assert lines[2] == (
+        "- Distinct correct paths, ratio to GRPO's: 2.50x (per seed 2.50x, 2.50x); target at least 3.00x: "
+        "**missed**, short by 0.50x."
+    )
+    assert lines[3].endswith("target at least -2.0 points: **missed**, short by 1.0 points.")
+    assert lines[4].endswith("target at most 0.300: **missed**, short by 0.050.")
+    met = bdm.evaluate_targets({"grpo": grpo, "m": _final([6.0, 7.0], [0.81, 0.82], [0.2, 0.3])}, "m", bdm.ISSUE9)
+    assert write_results._evaluation_lines(met, report)[4].endswith("**met** (margin 0.050).")
+
+
 def test_replace_block_keeps_everything_outside_the_markers():
     text = f"# Title\n\nintro\n{write_results.START}\nold\nstuff\n{write_results.END}\n\n## After\ntext\n"
     updated = write_results.replace_block(text, "## Results\n\nnew\n")
@@ -147,19 +313,33 @@ def _load(output_dir: Path, name: str) -> dict:
 def test_distribution_matching_smoke(smoke_outputs):
     output_dir, logs = smoke_outputs
     report = _load(output_dir, "distribution_matching")
-    assert "Target: FlowRL >= 2x GRPO's distinct correct paths" in logs["bench_distribution_matching"]
-    for name in ("grpo", "flowrl"):
+    log = logs["bench_distribution_matching"]
+    assert "issue 9 (target): FlowRL matching (beta 5) against GRPO:" in log
+    assert list(report["runs"]) == list(bdm.ARMS) == list(report["settings"]["arms"])
+    for name in bdm.ARMS:
         (run,) = report["runs"][name]
+        assert run["arm"] == name and run["cached"] is False
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]
         # 8 problems x 8 completions per step, the recipes' batch
         assert [p["rollouts_generated"] for p in run["curve"]] == [0, 64, 128]
-        assert run["rollouts_replayed"] == 0 and run["cached"] is False
+        assert [p["distinct_questions"] for p in run["curve"]] == [0, 8, 16]
+        assert run["questions"]["source"] == "sampler" and run["rollouts_replayed"] == 0
         assert 0.0 <= run["curve"][-1]["accuracy"] <= 1.0
         assert run["curve"][0]["target"]["tv"] == pytest.approx(0.0, abs=1e-9)  # step 0 is the reference itself
-    # both start from the same model and evaluate with the same sampling seed
-    assert report["runs"]["grpo"][0]["curve"][0]["accuracy"] == report["runs"]["flowrl"][0]["curve"][0]["accuracy"]
-    target = report["target"]
-    assert isinstance(target["met"], bool) and target["met"] == (target["paths_met"] and target["accuracy_met"])
+        for key, value in ar.ARMS[name].expect.items():  # the settings the arm stands for, as trained
+            assert run["config"][key] == value, (name, key)
+        # every arm starts from the same model and evaluates with the same sampling seed
+        assert run["curve"][0]["accuracy"] == report["initial"]["accuracy"]
+        assert set(report["final"][name]) >= {"accuracy", "distinct_correct_paths", "tv", "kl", "kl_reverse"}
+    assert report["runs"]["grpo_kl"][0]["config"]["loss_type"] == report["runs"]["grpo"][0]["config"]["loss_type"]
+    evaluations = {(e["arm"], e["role"]) for e in report["evaluations"]}
+    assert evaluations == {
+        ("flowrl_matching", "target"),
+        ("flowrl_matching_b15", "information"),
+        ("flowrl", "superseded"),
+    }
+    for evaluation in report["evaluations"]:
+        assert evaluation["met"] == all(c["met"] for c in evaluation["checks"].values())
 
 
 def test_experience_smoke(smoke_outputs):
@@ -168,9 +348,13 @@ def test_experience_smoke(smoke_outputs):
     assert "reusing the cached run" in logs["bench_experience"]  # GRPO's run of benchmark 2
     (grpo,) = report["runs"]["grpo"]
     (exgrpo,) = report["runs"]["exgrpo"]
+    (no_replay,) = report["runs"]["exgrpo_no_replay"]
     assert grpo["cached"] is True and exgrpo["cached"] is False
     assert exgrpo["rollouts_generated"] == 128
     assert exgrpo["fresh_rollouts_used"] == exgrpo["rollouts_generated"] - exgrpo["rollouts_replayed"]
+    assert exgrpo["questions"]["source"] == "trainer"  # ExGRPO's own counts of what it trained on
+    assert exgrpo["questions"]["distinct_questions"] == exgrpo["curve"][-1]["distinct_questions"] > 0
+    assert no_replay["config"]["replay_ratio"] == 0.0 and no_replay["rollouts_replayed"] == 0
     assert [p["step"] for p in report["equal_rollouts"]] == [0, 1, 2]
     assert isinstance(report["target"]["met"], bool)
 
@@ -178,13 +362,22 @@ def test_experience_smoke(smoke_outputs):
 def test_target_distribution_smoke(smoke_outputs):
     output_dir, logs = smoke_outputs
     report = _load(output_dir, "target_distribution")
-    assert logs["bench_target_distribution"].count("reusing the cached run") == 2
-    for name in ("grpo", "flowrl"):
+    assert logs["bench_target_distribution"].count("reusing the cached run") == len(bdm.ARMS)
+    assert list(report["summary"]) == list(bdm.ARMS) == list(report["example"]["policies"])
+    for name in bdm.ARMS:
         summary = report["summary"][name]
         assert 0.0 <= summary["tv"]["mean"] <= 1.0 and summary["kl"]["mean"] >= 0.0
         assert 0.0 < summary["policy_mass"]["mean"] <= 1.0
+        assert sum(report["example"]["policies"][name]) == pytest.approx(1.0)
+        assert summary["reference_mass"]["mean"] == pytest.approx(report["reference"]["mass"])
     assert report["anchors"]["collapsed"]["tv"] > report["anchors"]["uniform"]["tv"] > 0.0
     assert sum(report["example"]["reference"]) == pytest.approx(1.0)
+    # issue 9's TV bound, checked on these problems too
+    tv_targets = {(t["arm"], t["role"]): t["check"] for t in report["tv_targets"]}
+    assert set(tv_targets) == {("flowrl_matching", "target"), ("flowrl_matching_b15", "information")}
+    check = tv_targets[("flowrl_matching", "target")]
+    assert check["value"] == report["summary"]["flowrl_matching"]["tv"]["mean"] and check["threshold"] == 0.3
+    assert check["met"] == (check["value"] <= 0.3)
 
 
 def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
@@ -203,6 +396,13 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     assert machine in text
     for heading in ("### 2. Distribution matching", "### 3. Experience efficiency", "### 4. Distance to FlowRL"):
         assert heading in text
+    columns = " | ".join(ar.LABELS[name] for name in bdm.ARMS)
+    assert f"| at the end of training, mean (per seed) | initial | {columns} |" in text  # one column per arm
+    assert f"| final policy, mean (per seed) | {columns} |" in text
+    assert "Targets (issue 9), FlowRL matching (beta 5) against GRPO: **" in text
+    assert "The same figures for FlowRL matching (beta 15) against GRPO (information, not a target)" in text
+    assert "`--objective matching --beta 5`" in text  # what each arm is
+    assert "Issue 9's bound on these problems, FlowRL matching (beta 5) (target):" in text
     assert "Not run yet: benchmark 1 (overhead)" in text  # no overhead.json here: skipped, and said so
     assert text.count("Smoke run") == 3
     assert "](" in text and "distribution_matching.png" in text
