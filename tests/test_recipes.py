@@ -191,6 +191,7 @@ def test_a_wrong_model_path_is_a_clear_error(tmp_path, monkeypatch):
 )  # fmt: skip
 def test_recipe_trains_the_embedded_model_for_two_steps(recipe, paths, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("OMP_NUM_THREADS", None)  # the embedded runs then choose one thread themselves
     command = [
         sys.executable,
         str(REPO_ROOT / "recipes" / f"{recipe}.py"),
@@ -205,4 +206,27 @@ def test_recipe_trains_the_embedded_model_for_two_steps(recipe, paths, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "4 held-out problems x 2 samples" in result.stdout
     assert f"distinct correct {paths} per problem" in result.stdout
+    assert "Using 1 CPU thread(s)" in result.stdout
     assert (Path(tmp_path) / "model.safetensors").is_file()
+
+
+def test_cpu_thread_count_follows_the_flag_then_the_environment(monkeypatch):
+    from trl_flowrl.cpu import cpu_threads, use_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads() == 1  # the embedded models' default
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3  # the user's environment wins over the default
+    assert cpu_threads(2) == 2  # and a flag over the environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive integer"):
+        cpu_threads()
+    with pytest.raises(ValueError, match="at least 1"):
+        cpu_threads(0)
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert use_cpu_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

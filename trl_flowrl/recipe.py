@@ -73,6 +73,10 @@ class RecipeArguments(ScriptArguments):
             34, and asking for more uses those 34).
         eval_samples (`int`, *optional*, defaults to `8`):
             Samples per held-out problem in the summary, drawn at the training temperature.
+        num_threads (`int` or `None`, *optional*, defaults to `None`):
+            Torch CPU threads. None: for the embedded models on a CPU, `OMP_NUM_THREADS` if set, else 1 (a tiny model
+            gains nothing from more and loses a lot on a shared machine, see `trl_flowrl.cpu`); otherwise torch's
+            default. A value always applies.
     """
 
     dataset_name: str | None = field(
@@ -112,6 +116,10 @@ class RecipeArguments(ScriptArguments):
         default=64, metadata={"help": "Held-out problems of a built-in task's summary (0: no summary)."}
     )
     eval_samples: int = field(default=8, metadata={"help": "Samples per held-out problem in the summary."})
+    num_threads: int | None = field(
+        default=None,
+        metadata={"help": "Torch CPU threads. None: OMP_NUM_THREADS or 1 for the embedded models on a CPU."},
+    )
 
     def __post_init__(self):
         name = self.dataset_name or "arithmetic"
@@ -285,6 +293,15 @@ def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: Mo
                 f"models are trained on the built-in tasks {list(BUILTIN_TASKS)} only)."
             )
         model_path = embedded_model_path(script_args.task)
+    import torch
+
+    from trl_flowrl.cpu import use_cpu_threads
+
+    if script_args.num_threads is not None or (
+        model_args.model_name_or_path is None and not torch.cuda.is_available()
+    ):
+        threads = use_cpu_threads(script_args.num_threads)
+        print(f"Using {threads} CPU thread(s) (--num_threads or OMP_NUM_THREADS to change).")
     model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: vLLM when installed")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (transformers)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; default for the built-in tasks on a CPU: OMP_NUM_THREADS, else 1 (trl_flowrl.cpu)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
     parser.add_argument("--output-dir", default="outputs/evaluation")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
@@ -90,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--list", action="store_true", help="list the built-in benchmarks and exit")
     return parser
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _read_results(path: str) -> dict:
@@ -133,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     from .evaluator import evaluate
+
+    builtin = {"arithmetic", "programs"}
+    benchmarks = [b.strip() for b in str(args.benchmarks).split(",") if b.strip()]
+    if args.num_threads is not None or (set(benchmarks) <= builtin and not _cuda_available()):
+        from trl_flowrl.cpu import use_cpu_threads
+
+        use_cpu_threads(args.num_threads)
 
     results = evaluate(
         args.model,
