@@ -417,13 +417,14 @@ def _code_of(path: Path) -> str:
     return ast.dump(tree)
 
 
-def _source_digest() -> str:
-    """SHA-256 of the code of `trl_flowrl` that a run executes (its Python files' ASTs, docstrings left out; the model a
-    run trains is keyed on its own)."""
+def _source_digest(trainer: str) -> str:
+    """SHA-256 of the code of `trl_flowrl` that a run of `trainer` executes (its Python files' ASTs, docstrings left
+    out, without the other trainers' subpackages; the model a run trains is keyed on its own)."""
+    other_trainers = [f"trl_flowrl/{name}/" for name in ("flowrl", "exgrpo") if name != trainer]
     digest = hashlib.sha256()
     for path in sorted((REPO / "trl_flowrl").rglob("*.py")):
         name = str(path.relative_to(REPO))
-        if name in _UNUSED_BY_RUNS:
+        if name in _UNUSED_BY_RUNS or any(name.startswith(prefix) for prefix in other_trainers):
             continue
         digest.update(name.encode())
         digest.update(_code_of(path).encode())
@@ -448,7 +449,7 @@ def _run_key(trainer: str, argv: list[str], spec: EvalSpec, model: dict) -> str:
         "recipe": recipe_path(trainer).read_text(),
         "argv": argv,
         "eval": asdict(spec),
-        "source": _source_digest(),
+        "source": _source_digest(trainer),
         "model": model["digest"],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
