@@ -442,12 +442,22 @@ def _files_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def _run_key(trainer: str, argv: list[str], spec: EvalSpec, model: dict) -> str:
+# Settings that name places or control output only: they do not change what a run trains.
+_UNKEYED_SETTINGS = ("output_dir", "logging_dir", "run_name", "disable_tqdm", "hub_model_id", "report_to")
+
+
+def _resolved_settings(script_args, training_args) -> dict:
+    """Every resolved setting of a run that can change what it trains (JSON-ready)."""
+    settings = {k: v for k, v in training_args.to_dict().items() if k not in _UNKEYED_SETTINGS}
+    settings.update({f"recipe.{k}": v for k, v in asdict(script_args).items()})
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def _run_key(trainer: str, settings: dict, spec: EvalSpec, model: dict) -> str:
     payload = {
         "format": RUN_FORMAT,
         "trainer": trainer,
-        "recipe": recipe_path(trainer).read_text(),
-        "argv": argv,
+        "settings": settings,
         "eval": asdict(spec),
         "source": _source_digest(trainer),
         "model": model["digest"],
@@ -626,7 +636,14 @@ def tracked_run(
         *extra_overrides,
     ]
     model = _model_identity(model_path)
-    run_dir = Path(cache_dir) / f"{arm}-seed{seed}-steps{steps}-{_run_key(spec_arm.trainer, overrides, spec, model)}"
+    # The key is the resolved settings, not the command line: editing the recipe file in a way that leaves a run's
+    # settings as they were keeps the cached run.
+    script_args, training_args, _ = parse_recipe_args(
+        config_cls, recipe_path(spec_arm.trainer), argv=[*overrides, "--output_dir", "unset"]
+    )
+    _check_expected(arm, training_args, extra_overrides)
+    settings = _resolved_settings(script_args, training_args)
+    run_dir = Path(cache_dir) / f"{arm}-seed{seed}-steps{steps}-{_run_key(spec_arm.trainer, settings, spec, model)}"
     described = f"{spec_arm.label} seed {seed}" + "".join(f" {flag}" for flag in extra_overrides)
     if not model["embedded"]:
         described += f" (model {model['path']})"
@@ -636,11 +653,7 @@ def tracked_run(
         record["cached"] = True
         log(f"{described}: reusing the cached run {run_dir}")
         return record
-
-    script_args, training_args, _ = parse_recipe_args(
-        config_cls, recipe_path(spec_arm.trainer), argv=[*overrides, "--output_dir", str(run_dir / "model")]
-    )
-    _check_expected(arm, training_args, extra_overrides)
+    training_args.output_dir = str(run_dir / "model")
     tokenizer = AutoTokenizer.from_pretrained(model["path"])
     dataset = _load_dataset(script_args, training_args.seed)
     tracker = HeldOutTracker(spec, tokenizer, training_args.max_completion_length, training_args.temperature)

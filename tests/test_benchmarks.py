@@ -163,14 +163,27 @@ def test_run_key_and_model_identity(tmp_path):
     (model / "weights.bin").write_bytes(b"\x00" * 10)
     other = ar._model_identity(model)
     assert not other["embedded"] and len(other["digest"]) == 64
+    from trl import GRPOConfig
+
+    from trl_flowrl.recipe import parse_recipe_args
+
+    def settings(*argv):
+        script_args, training_args, _ = parse_recipe_args(
+            GRPOConfig, ar.recipe_path("grpo"), argv=[*argv, "--output_dir", str(tmp_path / "x")]
+        )
+        return ar._resolved_settings(script_args, training_args)
+
+    base = settings()
+    assert settings("--output_dir", str(tmp_path / "elsewhere")) == base  # where a run writes is not what it trains
     keys = {
-        ar._run_key("grpo", [], spec, embedded),
-        ar._run_key("grpo", ["--beta", "0.0667"], spec, embedded),
-        ar._run_key("grpo", [], spec, other),
-        ar._run_key("grpo", [], ar.EvalSpec(num_problems=8), embedded),
+        ar._run_key("grpo", base, spec, embedded),
+        ar._run_key("grpo", settings("--beta", "0.0667"), spec, embedded),
+        ar._run_key("grpo", settings("--num_train_problems", "800"), spec, embedded),
+        ar._run_key("grpo", base, spec, other),
+        ar._run_key("grpo", base, ar.EvalSpec(num_problems=8), embedded),
     }
-    assert len(keys) == 4
-    assert ar._run_key("grpo", [], spec, other) == ar._run_key("grpo", [], spec, ar._model_identity(model))
+    assert len(keys) == 5
+    assert ar._run_key("grpo", base, spec, other) == ar._run_key("grpo", base, spec, ar._model_identity(model))
     (model / "weights.bin").write_bytes(b"\x01" * 10)  # other weights: another run
     assert ar._model_identity(model)["digest"] != other["digest"]
     with pytest.raises(ValueError, match="local model directory"):
