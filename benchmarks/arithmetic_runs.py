@@ -84,6 +84,15 @@ MATCHING = {
     "reward_in_residual": "reward",
     "log_z_estimate": "group",
 }
+# ExGRPO at the paper's defaults, which the ExGRPO arms change one at a time.
+PAPER_EXGRPO = {
+    "replay_ratio": 0.5,
+    "replay_policy_shaping": True,
+    "replay_importance_correction": True,
+    "question_selection": "gaussian",
+    "trajectory_selection": "lowest_entropy",
+    "displaced_questions": "drop",
+}
 # GRPO + KL: with the advantage as reward term and beta = 15, the official FlowRL objective's per-sample gradient is
 # GRPO's plus a squared log-ratio pull toward the reference of weight about 1/beta, so GRPO with a KL coefficient of
 # 1/15 is its fair baseline (TRL's default KL estimator, use_bias_correction_kl and loss_type unchanged).
@@ -113,11 +122,56 @@ ARMS = {
         "tab:purple",
         {**MATCHING, "beta": 15.0},
     ),
-    "exgrpo": Arm("exgrpo", (), "ExGRPO", "tab:green"),
-    "exgrpo_no_replay": Arm("exgrpo", ("--replay_ratio", "0.0"), "ExGRPO, replay_ratio 0", "tab:olive"),
+    "exgrpo": Arm("exgrpo", (), "ExGRPO", "tab:green", PAPER_EXGRPO),
+    "exgrpo_no_replay": Arm(
+        "exgrpo",
+        ("--replay_ratio", "0.0"),
+        "ExGRPO, replay_ratio 0",
+        "tab:olive",
+        {**PAPER_EXGRPO, "replay_ratio": 0.0},
+    ),
+    # The paper's ablations (its in-distribution averages on Qwen2.5-Math-7B in the labels' docs: README), and the
+    # requeue departure.
+    "exgrpo_no_shaping": Arm(
+        "exgrpo",
+        ("--replay_policy_shaping", "false"),
+        "ExGRPO without policy shaping",
+        "tab:brown",
+        {**PAPER_EXGRPO, "replay_policy_shaping": False},
+    ),
+    "exgrpo_no_is": Arm(
+        "exgrpo",
+        ("--replay_importance_correction", "false"),
+        "ExGRPO without importance correction",
+        "tab:pink",
+        {**PAPER_EXGRPO, "replay_importance_correction": False},
+    ),
+    "exgrpo_uniform_questions": Arm(
+        "exgrpo",
+        ("--question_selection", "uniform"),
+        "ExGRPO without question selection",
+        "tab:gray",
+        {**PAPER_EXGRPO, "question_selection": "uniform"},
+    ),
+    "exgrpo_random_trajectory": Arm(
+        "exgrpo",
+        ("--trajectory_selection", "random"),
+        "ExGRPO without trajectory selection",
+        "tab:cyan",
+        {**PAPER_EXGRPO, "trajectory_selection": "random"},
+    ),
+    "exgrpo_requeue": Arm(
+        "exgrpo",
+        ("--displaced_questions", "requeue"),
+        "ExGRPO, displaced questions requeued",
+        "tab:purple",
+        {**PAPER_EXGRPO, "displaced_questions": "requeue"},
+    ),
 }
 LABELS = {name: arm.label for name, arm in ARMS.items()}
 COLORS = {name: arm.color for name, arm in ARMS.items()}
+# Prefixes of the logged metrics a run record keeps, step by step.
+TRAIN_LOG_PREFIXES = ("replay/", "flowrl/")
 # The resolved settings a run records (those its trainer has).
 RECORDED_SETTINGS = (
     "beta",
@@ -130,6 +184,11 @@ RECORDED_SETTINGS = (
     "log_z_estimate",
     "importance_weight_clipping",
     "replay_ratio",
+    "replay_policy_shaping",
+    "replay_importance_correction",
+    "question_selection",
+    "trajectory_selection",
+    "displaced_questions",
     "learning_rate",
     "num_generations",
     "per_device_train_batch_size",
@@ -676,6 +735,12 @@ def tracked_run(
     history = [
         {"step": entry["step"], "reward": entry["reward"]} for entry in trainer.state.log_history if "reward" in entry
     ]
+    # The trainer's own per-step figures that the benchmarks report (ExGRPO's replay metrics, FlowRL's residual).
+    logged = [
+        {"step": entry["step"], **{k: v for k, v in entry.items() if k.startswith(TRAIN_LOG_PREFIXES)}}
+        for entry in trainer.state.log_history
+        if any(k.startswith(TRAIN_LOG_PREFIXES) for k in entry)
+    ]
     record = {
         "format": RUN_FORMAT,
         "arm": arm,
@@ -703,6 +768,7 @@ def tracked_run(
         "questions": trainer.question_counts(),
         "curve": curve,
         "train_reward": history,
+        "train_log": logged,
         "model_dir": str(run_dir / "model"),
         "cached": False,
     }

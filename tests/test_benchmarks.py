@@ -358,18 +358,30 @@ def test_distribution_matching_smoke(smoke_outputs):
 def test_experience_smoke(smoke_outputs):
     output_dir, logs = smoke_outputs
     report = _load(output_dir, "experience")
-    assert "reusing the cached run" in logs["bench_experience"]  # GRPO's run of benchmark 2
-    (grpo,) = report["runs"]["grpo"]
-    (exgrpo,) = report["runs"]["exgrpo"]
-    (no_replay,) = report["runs"]["exgrpo_no_replay"]
+    assert "reusing the cached run" in logs["bench_experience"]  # GRPO's plentiful run is benchmark 2's
+    assert set(report["regimes"]) == {"scarce", "plentiful"}
+    scarce, plentiful = report["runs"]["scarce"], report["runs"]["plentiful"]
+    assert list(scarce) == ["grpo", "exgrpo", "exgrpo_no_replay", "exgrpo_no_shaping"]  # one ablation in smoke mode
+    assert list(plentiful) == ["grpo", "exgrpo_requeue"]
+    (grpo,) = plentiful["grpo"]
+    (exgrpo,) = scarce["exgrpo"]
+    (no_replay,) = scarce["exgrpo_no_replay"]
     assert grpo["cached"] is True and exgrpo["cached"] is False
+    # the scarce regime trains the weaker model on fewer problems
+    assert exgrpo["model"] != grpo["model"] and "weak-model" in exgrpo["model"]["path"]
+    assert exgrpo["num_train_problems"] == 800 and grpo["num_train_problems"] == 2000
     assert exgrpo["rollouts_generated"] == 128
     assert exgrpo["fresh_rollouts_used"] == exgrpo["rollouts_generated"] - exgrpo["rollouts_replayed"]
     assert exgrpo["questions"]["source"] == "trainer"  # ExGRPO's own counts of what it trained on
     assert exgrpo["questions"]["distinct_questions"] == exgrpo["curve"][-1]["distinct_questions"] > 0
     assert no_replay["config"]["replay_ratio"] == 0.0 and no_replay["rollouts_replayed"] == 0
-    assert [p["step"] for p in report["equal_rollouts"]] == [0, 1, 2]
-    assert isinstance(report["target"]["met"], bool)
+    assert scarce["exgrpo_no_shaping"][0]["config"]["replay_policy_shaping"] is False
+    assert plentiful["exgrpo_requeue"][0]["config"]["displaced_questions"] == "requeue"
+    for regime in report["regimes"].values():
+        assert [p["step"] for p in regime["equal_rollouts"]] == [0, 1, 2]
+    assert set(report["targets"]) == {"scarce_rollouts", "scarce_gain", "plentiful_best"}
+    assert all(isinstance(t["met"], bool) for t in report["targets"].values())
+    assert report["weak_model"]["pretraining"]["arguments"]["steps"] == 2
 
 
 def test_target_distribution_smoke(smoke_outputs):
@@ -407,7 +419,7 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     assert "stale" not in text
     machine = json.loads((output_dir / "experience.json").read_text())["machine"]
     assert machine in text
-    for heading in ("### 2. Distribution matching", "### 3. Experience efficiency", "### 4. Distance to FlowRL"):
+    for heading in ("### 2. Distribution matching", "### 3. Experience: ExGRPO vs GRPO", "### 4. Distance to FlowRL"):
         assert heading in text
     columns = " | ".join(ar.LABELS[name] for name in bdm.ARMS)
     assert f"| at the end of training, mean (per seed) | initial | {columns} |" in text  # one column per arm
