@@ -3,16 +3,22 @@
     python benchmarks/bench_overhead.py                        # the embedded model and task, the recipes' settings
     python benchmarks/bench_overhead.py --model PATH --device cuda --num_threads 8   # any local checkpoint on a GPU
 
-Four trainers on the same batch and seeds: GRPO without a KL term, GRPO with one (beta=0.04: it computes reference
-log-probs, as FlowRL always does), FlowRL and ExGRPO. Each run is a fresh process (so its peak memory is its own),
+Six trainers on the same batch and seeds: GRPO without a KL term, GRPO with one (beta=0.0667: it computes reference
+log-probs, as FlowRL always does), FlowRL with the official objective, FlowRL with the matching objective (the group
+estimate of log Z, no head) and the same with the log Z head, and ExGRPO. Each run is a fresh process (so its peak memory is its own),
 and the runs are interleaved over several rounds, in a rotating order, so that a slow spell of the machine does not
 land on one trainer. A run trains `--warmup + --steps` steps and keeps the last `--steps` of TRL's per-step
 `step_time` (generation, rewards, reference pass and optimisation included). Peak memory is the peak resident set size
 during training (Linux `VmHWM`, reset after the trainer is built) on a CPU, `torch.cuda.max_memory_allocated` on a
 GPU. ExGRPO starts replaying at its first step here: the embedded model's accuracy is above the 0.35 threshold.
 
-Targets (issue 6): FlowRL within 3% of GRPO with KL; ExGRPO within 5% of GRPO. Prints a table and the ratios, and
-writes `overhead.json` and `overhead.png` to `--output_dir`.
+`--model-shape qwen2.5-0.5b` trains a randomly initialised model of Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14
+heads, 2 KV heads, MLP 4864, vocabulary 151,936) instead of the embedded one, with the embedded character tokenizer
+(its ids are a subset of the vocabulary): for GPU figures (`benchmarks/gpu_overhead.sh`).
+
+Targets: FlowRL matching within 3% of GRPO with KL, and with the group estimate no slower than with the head (issue
+9); ExGRPO within 5% of GRPO (issue 10); FlowRL official within 3% of GRPO with KL (issue 6). Prints a table and the
+ratios, and writes `overhead.json` (`overhead_<device>.json` off the CPU) and its plot to `--output_dir`.
 """
 
 import argparse
@@ -28,8 +34,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "recipes" / "configs" / "embedded"
-TRAINERS = ("grpo", "grpo_kl", "flowrl", "exgrpo")
-TARGETS = {("flowrl", "grpo_kl"): 1.03, ("exgrpo", "grpo"): 1.05}
+TRAINERS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_head", "exgrpo")
+TARGETS = {
+    ("flowrl_matching", "grpo_kl"): 1.03,
+    ("flowrl_matching", "flowrl_matching_head"): 1.0,
+    ("exgrpo", "grpo"): 1.05,
+    ("flowrl", "grpo_kl"): 1.03,
+}
+# Each trainer's flags on top of its embedded recipe (FlowRL's name their objective, whatever the recipe's default).
+TRAINER_FLAGS = {
+    "grpo": [],
+    "grpo_kl": ["--beta=0.0667"],
+    "flowrl": ["--objective=official", "--beta=15"],
+    "flowrl_matching": ["--objective=matching", "--beta=5"],
+    "flowrl_matching_head": ["--objective=matching", "--beta=5", "--log_z_estimate=head"],
+    "exgrpo": [],
+}
+QWEN25_05B = dict(
+    hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864, max_position_embeddings=32768
+)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import arithmetic_runs  # noqa: E402  (the benchmarks' shared helpers: the machine's description)
@@ -46,6 +69,7 @@ def _rss_mb(field: str) -> float:
 def worker(name: str, args) -> dict:
     """One training run in this process; returns its step times and peak memory."""
     import torch
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_flowrl import ExGRPOConfig, ExGRPOTrainer, FlowRLConfig, FlowRLTrainer
@@ -58,6 +82,8 @@ def worker(name: str, args) -> dict:
         "grpo": (GRPOConfig, GRPOTrainer, "grpo"),
         "grpo_kl": (GRPOConfig, GRPOTrainer, "grpo"),
         "flowrl": (FlowRLConfig, FlowRLTrainer, "flowrl"),
+        "flowrl_matching": (FlowRLConfig, FlowRLTrainer, "flowrl"),
+        "flowrl_matching_head": (FlowRLConfig, FlowRLTrainer, "flowrl"),
         "exgrpo": (ExGRPOConfig, ExGRPOTrainer, "exgrpo"),
     }[name]
     overrides = [
@@ -67,8 +93,7 @@ def worker(name: str, args) -> dict:
         f"--seed={args.seed}",
         "--disable_tqdm=true",
     ]
-    if name == "grpo_kl":
-        overrides.append("--beta=0.04")
+    overrides += TRAINER_FLAGS[name]
     if args.device == "cuda":
         overrides += ["--bf16=true", "--dataloader_pin_memory=true"]
     else:
@@ -79,6 +104,7 @@ def worker(name: str, args) -> dict:
         )
         trainer = trainer_cls(
             model=args.model or embedded_model_path(),
+            processing_class=AutoTokenizer.from_pretrained(args.model or embedded_model_path()),
             reward_funcs=[MathAccuracyReward()],
             args=training_args,
             train_dataset=arithmetic_dataset(2000, seed=args.seed),
@@ -106,6 +132,22 @@ def worker(name: str, args) -> dict:
     }
 
 
+def build_shaped_model(shape: str, directory: Path) -> str:
+    """A randomly initialised Qwen2 of `shape` with the embedded character tokenizer, saved in `directory`."""
+    import torch
+
+    from trl_flowrl.tiny_models import build_char_tokenizer, build_tiny_qwen2
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = build_tiny_qwen2(tokenizer, **QWEN25_05B)
+    model.resize_token_embeddings(151936)  # Qwen2.5's vocabulary: the LM head costs what it costs there
+    model.config.tie_word_embeddings = True
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -130,6 +172,12 @@ def plot(summary: dict, path: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a local checkpoint (default: the embedded tiny model)")
+    parser.add_argument(
+        "--model-shape",
+        choices=["qwen2.5-0.5b"],
+        default=None,
+        help="a randomly initialised model of this shape, with the embedded tokenizer (instead of --model)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=20, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="steps dropped at the start of each run")
@@ -149,6 +197,12 @@ def main():
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
         return
 
+    argv = list(sys.argv[1:])
+    shaped = None
+    if args.model_shape:
+        shaped = tempfile.TemporaryDirectory()
+        args.model = build_shaped_model(args.model_shape, Path(shaped.name))
+        argv += ["--model", args.model]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["OMP_NUM_THREADS"] = str(args.num_threads)
@@ -157,7 +211,7 @@ def main():
     for round_index in range(args.rounds):
         order = TRAINERS[round_index % len(TRAINERS) :] + TRAINERS[: round_index % len(TRAINERS)]
         for name in order:
-            command = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
+            command = [sys.executable, __file__, "--worker", name, *argv]
             result = subprocess.run(command, env=env, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
@@ -182,22 +236,20 @@ def main():
         if scoring:
             summary[name]["entropy_scoring_s"] = statistics.mean(scoring)
             summary[name]["entropy_scoring_fraction"] = statistics.mean(scoring) / summary[name]["step_time_s"]
-    ratios = {
-        f"{a}/{b}": summary[a]["step_time_s"] / summary[b]["step_time_s"]
-        for a, b in [("flowrl", "grpo_kl"), ("flowrl", "grpo"), ("exgrpo", "grpo"), ("grpo_kl", "grpo")]
-    }
+    pairs = [*TARGETS, ("flowrl", "grpo"), ("flowrl_matching", "grpo"), ("grpo_kl", "grpo")]
+    ratios = {f"{a}/{b}": summary[a]["step_time_s"] / summary[b]["step_time_s"] for a, b in pairs}
     memory_ratios = {
         f"{a}/{b}": summary[a]["peak_memory_mb"] / summary[b]["peak_memory_mb"]
-        for a, b in [("flowrl", "grpo_kl"), ("exgrpo", "grpo")]
+        for a, b in [("flowrl", "grpo_kl"), ("flowrl_matching", "grpo_kl"), ("exgrpo", "grpo")]
     }
     targets = {
         f"{a}/{b}": {"target": limit, "ratio": ratios[f"{a}/{b}"], "met": ratios[f"{a}/{b}"] <= limit}
         for (a, b), limit in TARGETS.items()
     }
 
-    print(f"\n{'trainer':10s} {'step time (s)':>14s} {'spread':>8s} {'peak memory (MiB)':>18s}")
+    print(f"\n{'trainer':22s} {'step time (s)':>14s} {'spread':>8s} {'peak memory (MiB)':>18s}")
     for name, s in summary.items():
-        print(f"{name:10s} {s['step_time_s']:14.3f} {s['step_time_spread_s']:8.3f} {s['peak_memory_mb']:18.0f}")
+        print(f"{name:22s} {s['step_time_s']:14.3f} {s['step_time_spread_s']:8.3f} {s['peak_memory_mb']:18.0f}")
     if "entropy_scoring_fraction" in summary["exgrpo"]:
         print(
             f"ExGRPO entropy scoring: {summary['exgrpo']['entropy_scoring_s']:.3f} s per step, "
@@ -217,8 +269,10 @@ def main():
         "machine": arithmetic_runs.machine(),
         "device": args.device,
         "settings": {
-            k: getattr(args, k) for k in ("model", "steps", "warmup", "rounds", "batch_size", "num_threads", "seed")
-        },
+            k: getattr(args, k)
+            for k in ("model_shape", "steps", "warmup", "rounds", "batch_size", "num_threads", "seed")
+        }
+        | {"model": None if args.model_shape else args.model, "trainer_flags": TRAINER_FLAGS},
         "wall_time_s": time.perf_counter() - start,
         "summary": summary,
         "step_time_ratios": ratios,
@@ -226,9 +280,16 @@ def main():
         "targets": targets,
         "runs": runs,
     }
-    (output_dir / "overhead.json").write_text(json.dumps(report, indent=2))
-    plot(summary, output_dir / "overhead.png")
-    print(f"\nwrote {output_dir / 'overhead.json'} and overhead.png")
+    if args.device == "cuda":
+        import torch
+
+        report["machine"] += f", {torch.cuda.get_device_name(0)}"
+    stem = "overhead" if args.device == "cpu" else f"overhead_{args.device}"
+    (output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    plot(summary, output_dir / f"{stem}.png")
+    print(f"\nwrote {output_dir / stem}.json and {stem}.png")
+    if shaped is not None:
+        shaped.cleanup()
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-# Names of the trainers (benchmark 1: whatever objective the embedded recipe uses) and of the arms; a report's own
-# labels (settings["arms"], written by benchmarks 2 to 4) win.
+# Names of the trainers of benchmark 1 and of the arms; a report's own labels (settings["arms"], written by benchmarks
+# 2 to 4) win.
 LABELS = {
     "grpo": "GRPO",
     "grpo_kl": "GRPO + KL",
-    "flowrl": "FlowRL",
+    "flowrl": "FlowRL official",
     "flowrl_matching": "FlowRL matching",
+    "flowrl_matching_head": "FlowRL matching, log Z head",
     "flowrl_matching_b15": "FlowRL matching (beta 15)",
     "exgrpo": "ExGRPO",
     "exgrpo_no_replay": "ExGRPO with replay_ratio 0",

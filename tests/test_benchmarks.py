@@ -442,7 +442,7 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
 
 
 def test_overhead_smoke(tmp_path):
-    """Benchmark 1 in `--smoke` mode: four trainers, one fresh process each, and the report the writer renders."""
+    """Benchmark 1 in `--smoke` mode: six trainers, one fresh process each, and the report the writer renders."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_overhead.py"), "--smoke", "--output-dir", str(tmp_path)],
@@ -452,9 +452,17 @@ def test_overhead_smoke(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "target flowrl/grpo_kl <= 1.03" in result.stdout and "target exgrpo/grpo <= 1.05" in result.stdout
+    assert "target flowrl_matching/grpo_kl <= 1.03" in result.stdout and "target exgrpo/grpo <= 1.05" in result.stdout
+    assert "target flowrl_matching/flowrl_matching_head <= 1.00" in result.stdout
     report = _load(tmp_path, "overhead")
-    assert set(report["summary"]) == {"grpo", "grpo_kl", "flowrl", "exgrpo"}
+    assert set(report["summary"]) == {
+        "grpo",
+        "grpo_kl",
+        "flowrl",
+        "flowrl_matching",
+        "flowrl_matching_head",
+        "exgrpo",
+    }
     for name, summary in report["summary"].items():
         assert summary["step_time_s"] > 0 and summary["peak_memory_mb"] > 0, name
         assert len(report["runs"][name]) == 1 and len(report["runs"][name][0]["step_times"]) == 2
@@ -463,5 +471,6 @@ def test_overhead_smoke(tmp_path):
     assert report["targets"]["flowrl/grpo_kl"]["met"] == (flowrl / grpo_kl <= 1.03)
     assert report["runs"]["exgrpo"][0]["entropy_scoring_s"]  # ExGRPO replayed (and scored entropy)
     lines = write_results.render_overhead(report, tmp_path, tmp_path, "overhead")
-    assert any(line.startswith("| FlowRL |") for line in lines)
+    assert any(line.startswith("| FlowRL official |") for line in lines)
+    assert any(line.startswith("| FlowRL matching, log Z head |") for line in lines)
     assert any("Target flowrl/grpo_kl <= 1.03" in line for line in lines)
