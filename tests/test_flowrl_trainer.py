@@ -523,38 +523,7 @@ def test_resume_from_a_grpo_checkpoint_starts_a_fresh_head(tiny_model_path, tmp_
     assert "freshly initialised log Z head" in caplog.text and "GRPOConfig" in caplog.text
 
 
-# -- drop-in details: MoE auxiliary loss, dropout -------------------------------------------------------------------
-
-
-def test_moe_router_loss_is_added_and_logged(tmp_path, arithmetic_dataset):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    from trl_flowrl.tiny_models import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    config = MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-        router_aux_loss_coef=0.01,
-        output_router_logits=True,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
-    tokenizer.save_pretrained(tmp_path / "moe")
-    trainer = make_trainer(str(tmp_path / "moe"), tmp_path / "run", arithmetic_dataset, max_steps=1)
-    assert trainer.aux_loss_enabled
-    trainer.train()
-    (value,) = logged(trainer, "aux_loss")
-    assert value > 0
+# -- drop-in details: dropout (the MoE router loss is in test_compatibility.py) -------------------------------------------------------------------
 
 
 def test_disable_dropout_reaches_the_log_z_head(tiny_model_path, tmp_path, arithmetic_dataset):
