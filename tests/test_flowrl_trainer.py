@@ -523,7 +523,7 @@ def test_resume_from_a_grpo_checkpoint_starts_a_fresh_head(tiny_model_path, tmp_
     assert "freshly initialised log Z head" in caplog.text and "GRPOConfig" in caplog.text
 
 
-# -- drop-in details: dropout (the MoE router loss is in test_compatibility.py) -------------------------------------------------------------------
+# -- drop-in details: dropout (the MoE router loss is in test_compatibility.py) ---------------------------------------
 
 
 def test_disable_dropout_reaches_the_log_z_head(tiny_model_path, tmp_path, arithmetic_dataset):
