@@ -109,18 +109,18 @@ ARMS = {
     ),
     "flowrl_matching": Arm(
         "flowrl",
-        ("--objective", "matching", "--beta", "5"),
-        "FlowRL matching (beta 5)",
-        "tab:red",
-        {**MATCHING, "beta": 5.0},
-    ),
-    # the trade-off: a sharper target (correct/wrong odds e^15 times the reference's), slower matching among paths
-    "flowrl_matching_b15": Arm(
-        "flowrl",
         ("--objective", "matching", "--beta", "15"),
         "FlowRL matching (beta 15)",
-        "tab:purple",
+        "tab:red",
         {**MATCHING, "beta": 15.0},
+    ),
+    # the trade-off: a sharper target (correct/wrong odds e^15 times the reference's), slower matching among paths
+    "flowrl_matching_b5": Arm(
+        "flowrl",
+        ("--objective", "matching", "--beta", "5"),
+        "FlowRL matching (beta 5)",
+        "tab:purple",
+        {**MATCHING, "beta": 5.0},
     ),
     "exgrpo": Arm("exgrpo", (), "ExGRPO", "tab:green", PAPER_EXGRPO),
     "exgrpo_no_replay": Arm(
@@ -157,14 +157,14 @@ ARMS = {
         "exgrpo",
         ("--trajectory_selection", "random"),
         "ExGRPO without trajectory selection",
-        "tab:cyan",
+        "black",
         {**PAPER_EXGRPO, "trajectory_selection": "random"},
     ),
     "exgrpo_requeue": Arm(
         "exgrpo",
         ("--displaced_questions", "requeue"),
         "ExGRPO, displaced questions requeued",
-        "tab:purple",
+        "goldenrod",
         {**PAPER_EXGRPO, "displaced_questions": "requeue"},
     ),
 }

@@ -46,8 +46,8 @@ TRAINER_FLAGS = {
     "grpo": [],
     "grpo_kl": ["--beta=0.0667"],
     "flowrl": ["--objective=official", "--beta=15"],
-    "flowrl_matching": ["--objective=matching", "--beta=5"],
-    "flowrl_matching_head": ["--objective=matching", "--beta=5", "--log_z_estimate=head"],
+    "flowrl_matching": ["--objective=matching", "--beta=15"],
+    "flowrl_matching_head": ["--objective=matching", "--beta=15", "--log_z_estimate=head"],
     "exgrpo": [],
 }
 QWEN25_05B = dict(

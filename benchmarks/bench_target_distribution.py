@@ -42,7 +42,7 @@ import arithmetic_runs as ar
 import bench_distribution_matching as bdm
 
 
-ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b15")
+ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b5")
 KEYS = (
     "tv",
     "kl",

@@ -31,7 +31,7 @@ LABELS = {
     "flowrl": "FlowRL official",
     "flowrl_matching": "FlowRL matching",
     "flowrl_matching_head": "FlowRL matching, log Z head",
-    "flowrl_matching_b15": "FlowRL matching (beta 15)",
+    "flowrl_matching_b5": "FlowRL matching (beta 5)",
     "exgrpo": "ExGRPO",
     "exgrpo_no_replay": "ExGRPO with replay_ratio 0",
 }

@@ -20,4 +20,5 @@ if __name__ == "__main__":
         default_dataset="programs",
     )
     trainer = run(FlowRLTrainer, script_args, training_args, model_args)
+    trainer.accelerator.print(training_args.describe_objective())
     trainer.end()

@@ -119,14 +119,14 @@ def test_question_counts():
 
 
 def test_arms_registry():
-    assert {"grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b15"} <= set(ar.ARMS)
+    assert {"grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b5"} <= set(ar.ARMS)
     assert {"exgrpo", "exgrpo_no_replay"} <= set(ar.ARMS)
     assert all(arm.trainer in ar.TRAINER_NAMES for arm in ar.ARMS.values())
     assert len({arm.color for arm in ar.ARMS.values()}) == len(ar.ARMS)
     assert ar.ARMS["grpo_kl"].overrides == ("--beta", "0.0667")  # 1/15, the official objective's pull
     assert ar.ARMS["flowrl"].overrides == ("--objective", "official", "--beta", "15")
-    assert ar.ARMS["flowrl_matching"].overrides == ("--objective", "matching", "--beta", "5")
-    assert ar.ARMS["flowrl_matching_b15"].overrides == ("--objective", "matching", "--beta", "15")
+    assert ar.ARMS["flowrl_matching"].overrides == ("--objective", "matching", "--beta", "15")
+    assert ar.ARMS["flowrl_matching_b5"].overrides == ("--objective", "matching", "--beta", "5")
     assert ar.ARMS["exgrpo_no_replay"].overrides == ("--replay_ratio", "0.0")
 
 
@@ -327,7 +327,7 @@ def test_distribution_matching_smoke(smoke_outputs):
     output_dir, logs = smoke_outputs
     report = _load(output_dir, "distribution_matching")
     log = logs["bench_distribution_matching"]
-    assert "issue 9 (target): FlowRL matching (beta 5) against GRPO:" in log
+    assert "issue 9 (target): FlowRL matching (beta 15) against GRPO:" in log
     assert list(report["runs"]) == list(bdm.ARMS) == list(report["settings"]["arms"])
     for name in bdm.ARMS:
         (run,) = report["runs"][name]
@@ -348,7 +348,7 @@ def test_distribution_matching_smoke(smoke_outputs):
     evaluations = {(e["arm"], e["role"]) for e in report["evaluations"]}
     assert evaluations == {
         ("flowrl_matching", "target"),
-        ("flowrl_matching_b15", "information"),
+        ("flowrl_matching_b5", "information"),
         ("flowrl", "superseded"),
     }
     for evaluation in report["evaluations"]:
@@ -399,7 +399,7 @@ def test_target_distribution_smoke(smoke_outputs):
     assert sum(report["example"]["reference"]) == pytest.approx(1.0)
     # issue 9's TV bound, checked on these problems too
     tv_targets = {(t["arm"], t["role"]): t["check"] for t in report["tv_targets"]}
-    assert set(tv_targets) == {("flowrl_matching", "target"), ("flowrl_matching_b15", "information")}
+    assert set(tv_targets) == {("flowrl_matching", "target"), ("flowrl_matching_b5", "information")}
     check = tv_targets[("flowrl_matching", "target")]
     assert check["value"] == report["summary"]["flowrl_matching"]["tv"]["mean"] and check["threshold"] == 0.3
     assert check["met"] == (check["value"] <= 0.3)
@@ -424,10 +424,10 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     columns = " | ".join(ar.LABELS[name] for name in bdm.ARMS)
     assert f"| at the end of training, mean (per seed) | initial | {columns} |" in text  # one column per arm
     assert f"| final policy, mean (per seed) | {columns} |" in text
-    assert "Targets (issue 9), FlowRL matching (beta 5) against GRPO: **" in text
-    assert "The same figures for FlowRL matching (beta 15) against GRPO (information, not a target)" in text
+    assert "Targets (issue 9), FlowRL matching (beta 15) against GRPO: **" in text
+    assert "The same figures for FlowRL matching (beta 5) against GRPO (information, not a target)" in text
     assert "`--objective matching --beta 5`" in text  # what each arm is
-    assert "Issue 9's bound on these problems, FlowRL matching (beta 5) (target):" in text
+    assert "Issue 9's bound on these problems, FlowRL matching (beta 15) (target):" in text
     assert "Not run yet: benchmark 1 (overhead)" in text  # no overhead.json here: skipped, and said so
     assert text.count("Smoke run") == 3
     assert "](" in text and "distribution_matching.png" in text

@@ -9,7 +9,7 @@ OBJECTIVE_PRESETS = {
     "official": {"residual_normalization": "token_mean", "reward_in_residual": "advantage", "log_z_estimate": "head"},
     "matching": {"residual_normalization": "length", "reward_in_residual": "reward", "log_z_estimate": "group"},
 }
-PRESET_BETA = {"official": 15.0, "matching": 5.0}
+PRESET_BETA = {"official": 15.0, "matching": 15.0}
 
 
 @dataclass
@@ -36,7 +36,7 @@ class FlowRLConfig(GRPOConfig):
     - `"matching"` (**a departure from the paper**): an objective whose fixed point is p* whatever the completion
       length, with bounded gradients: trajectory balance with summed log-probs, the whole residual divided by the
       length (`residual_normalization="length"`), the raw reward (`reward_in_residual="reward"`), log Z estimated from
-      each group (`log_z_estimate="group"`, no head) and β = 5. Among completions of equal reward it keeps π_ref's
+      each group (`log_z_estimate="group"`, no head) and β = 15. Among completions of equal reward it keeps π_ref's
       relative probabilities: rare but valid paths stay alive.
 
     `objective` only sets the defaults of the four fields it names (`residual_normalization`, `reward_in_residual`,
@@ -59,12 +59,16 @@ class FlowRLConfig(GRPOConfig):
             coefficient: no KL term is added. It must be positive and finite, which also makes TRL compute the
             reference log-probs that enter the residual. `None` takes the objective's value. Official: 15 (the paper's
             ablation, Qwen2.5-7B, Avg@16: β = 5 → 31.34, 10 → 34.41, 15 → 35.63, 30 → 35.09; with the advantage as r
-            it is a gradient scale more than a target). Matching: 5. With a 0/1 reward, β sets the target's odds of a
-            correct over a wrong completion to e^β times the reference's (β = 5: 148x, so a reference at 10%% accuracy
-            gives a target at 94%%, one at 40%% gives 99%%), while equally rewarded completions keep the reference's
-            proportions whatever β. Larger β sharpens the target toward the correct answers and slows the matching
-            among them (the reward dominates the residual); 5 is the value at which a tabular check reached the
-            target (total variation 0.03, accuracy 0.97; β = 15: 0.19).
+            it is a gradient scale more than a target). Matching: 15, the same number with another role. With a 0/1
+            reward, β sets the target's odds of a correct over a wrong completion to e^β times the reference's, while
+            equally rewarded completions keep the reference's proportions whatever β. At β = 15 (odds 3.3 million) the
+            target is, for any problem the reference solves at least once in a million samples, the reference
+            restricted to its correct completions: it never asks to keep wrong answers, however hard the problem. A
+            smaller β is a softer target (β = 5: odds 148, so a problem the reference solves 1% of the time has a
+            target at 60% accuracy) that is matched sooner: larger β lets the reward dominate the residual, which
+            slows the matching among correct completions. Measured on the built-in task (300 steps, 3 seeds, benchmark
+            2): β = 15 ends at 80.3% held-out accuracy, 3.78 distinct correct paths per problem and total variation
+            0.59 to the target; β = 5 at 62.9%, 5.12 and 0.30 (a tabular check: 0.19 and 0.03).
         residual_normalization (`str` or `None`, *optional*, defaults to `None`):
             How the residual treats the completion length. `"token_mean"` (official): mean log-probs over tokens.
             `"sum"`: summed log-probs, exact trajectory balance (fixed point p*; gradients grow with the length).
@@ -121,7 +125,7 @@ class FlowRLConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Reward scale of the target distribution pi_ref * exp(beta * r). Not a KL coefficient: FlowRL adds "
-            "no KL term. Must be positive. None: the objective's value (official 15, matching 5)."
+            "no KL term. Must be positive. None: the objective's value (15 for both)."
         },
     )
     residual_normalization: str | None = field(
@@ -208,11 +212,24 @@ class FlowRLConfig(GRPOConfig):
         self._check_flowrl_fields()
         self._refuse_grpo_loss_options()
 
+    def describe_objective(self) -> str:
+        """One line naming the objective in use and its ingredients, for logs and summaries."""
+        kind = (
+            "the official code's loss"
+            if self.objective == "official"
+            else "a departure from the paper: trajectory balance whose fixed point is the target distribution"
+        )
+        return (
+            f"FlowRL objective={self.objective!r} ({kind}): residual_normalization={self.residual_normalization!r}, "
+            f"reward_in_residual={self.reward_in_residual!r}, log_z_estimate={self.log_z_estimate!r}, "
+            f"beta={self.beta:g}"
+        )
+
     def _check_flowrl_fields(self):
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(
                 f"FlowRLConfig.beta is the reward scale of the target distribution and must be positive and finite, "
-                f"got {self.beta}. The paper uses beta=15 (objective='matching' uses 5). (In FlowRL, beta is not a KL "
+                f"got {self.beta}. The paper uses beta=15. (In FlowRL, beta is not a KL "
                 "coefficient: no KL term is added.)"
             )
         if self.residual_normalization not in ("token_mean", "sum", "length"):
