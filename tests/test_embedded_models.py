@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from scripts.pretrain_tiny_model import TASK_DEFAULTS, PretrainArguments
@@ -28,7 +29,11 @@ TASKS = {
     ),
     "programs": (
         lambda n: programming.generate_problems(n, seed=0, split="test"),
-        lambda problem: list(enumerate_programs(problem).values()),
+        # the wrong programs too: a sampled one is a wrong construction, never a cut-off program
+        lambda problem: [
+            *enumerate_programs(problem).values(),
+            *programming.enumerate_wrong_programs(problem).values(),
+        ],
         programs_benchmark,
     ),
 }
@@ -107,3 +112,25 @@ def test_leaves_room_for_rl_and_samples_several_paths(embedded):
     assert "infra_error" not in scores["outcomes"]  # the sandbox ran every program
     valid = sum(r["path_id"] is not None for problem in scores["samples"] for r in problem)
     assert valid / (16 * 8) > 0.1  # it writes the task's derivations or programs, not just answers
+
+
+def test_the_programs_model_copies_the_constant_and_errs_in_construction():
+    # What leaves RL something a 1/0 reward can fix within the recipe's run: on held-out problems the model copies the
+    # problem's constant and writes one of the listed programs, correct or wrong (a wrong construction, not a
+    # mistyped constant), about half of the time a wrong one.
+    path = embedded_model_path("programs")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    problems = programming.generate_problems(16, seed=0, split="test")
+    texts = [tokenizer.apply_chat_template(p.prompt, tokenize=False, add_generation_prompt=True) for p in problems]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = model.generate(**inputs, do_sample=True, top_p=1.0, num_return_sequences=8)
+    completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    correct = wrong = 0
+    for i, completion in enumerate(completions):
+        problem, program = problems[i // 8], programming.program_id(completion)
+        correct += program in enumerate_programs(problem)
+        wrong += program in programming.enumerate_wrong_programs(problem)
+    assert (correct + wrong) / len(completions) >= 0.9
+    assert 0.3 <= wrong / len(completions) <= 0.7

@@ -22,11 +22,14 @@ from trl_flowrl.tasks import (
 from trl_flowrl.tasks.programming import (
     HELD_OUT_PERCENT,
     KINDS,
+    WRONG_SHARE,
     all_problem_keys,
+    enumerate_wrong_programs,
     format_completion,
     generate_problems,
     is_held_out,
     make_problem,
+    pretraining_completion,
 )
 
 
@@ -56,27 +59,26 @@ def test_problems_have_distinct_cases_with_reference_outputs():
         inputs = [stdin for stdin, _ in problem.cases]
         assert len(inputs) == len(set(inputs)) and len(inputs) in (NUM_CASES, 2)
         assert all(out == KINDS[problem.kind].solve(stdin, problem.param) for stdin, out in problem.cases)
-    # Counting a letter: some cases contain it, so a program printing 0 does not pass.
-    counts = [p for p in generate_problems(306, seed=0) if p.kind == "word_count"]
-    assert counts and all(any(out != "0" for _, out in p.cases) for p in counts)
+    # Every parameter is two digits: the model has to copy both from the prompt.
+    assert all(spec.params == tuple(range(10, 30)) for spec in KINDS.values())
 
 
 def test_train_and_held_out_problems_are_disjoint():
     train = {p.key for seed in (0, 1) for p in generate_problems(300, seed=seed, unique=False)}
     test = {p.key for seed in (0, 1) for p in generate_problems(30, seed=seed, split="test")}
     assert train and test and not train & test
-    assert len(all_problem_keys("train")) + len(all_problem_keys("test")) == len(all_problem_keys()) == 340
-    assert 0.07 < len(all_problem_keys("test")) / 340 < 0.13 and HELD_OUT_PERCENT == 10
+    assert len(all_problem_keys("train")) + len(all_problem_keys("test")) == len(all_problem_keys()) == 360
+    assert len(all_problem_keys("test")) == 37 and HELD_OUT_PERCENT == 10
     sft = programming_problems_from_dataset(programming_sft_dataset(500, seed=0))
     assert not any(p.is_held_out for p in sft)
-    assert not any(p.is_held_out for p in programming_problems_from_dataset(programming_dataset(306, seed=0)))
+    assert not any(p.is_held_out for p in programming_problems_from_dataset(programming_dataset(323, seed=0)))
     # Every kind is trained on, and held-out problems are new parameters of trained kinds.
     assert {kind for kind, _ in all_problem_keys("train")} == set(KINDS)
 
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="unique"):
-        generate_problems(35, split="test")
+        generate_problems(38, split="test")
     with pytest.raises(ValueError, match="split"):
         generate_problems(1, split="validation")
     with pytest.raises(ValueError, match="kind"):
@@ -110,29 +112,70 @@ def test_dataset_columns_follow_trl_and_code_reward_conventions():
 # Programs and grading
 
 
-def run_in_process(code: str, stdin: str) -> str:
-    """Our own listed programs are trusted: running them here checks every problem in well under a second."""
+def run_in_process(code: str, stdin: str) -> str | None:
+    """Our own listed programs are trusted: running them here checks every problem in about a second. None when the
+    program raises (as `input()` past the end of stdin does)."""
     lines = iter(stdin.splitlines())
+
+    def read():
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(code, {"input": lambda: next(lines)})
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(code, {"input": read})
+    except Exception:
+        return None
     return out.getvalue()
 
 
-def test_every_listed_program_of_every_problem_gives_the_reference_output():
-    for kind, param in all_problem_keys():
-        problem = make_problem(kind, param, random.Random(f"{kind}{param}"))
-        programs = enumerate_programs(problem)
-        assert len(programs) == len(KINDS[kind].programs(param)) >= 3, problem.key  # all distinct
-        assert all(program_id(text) == pid for pid, text in programs.items())
-        for text in programs.values():
-            for stdin, expected in problem.cases:
-                assert stdout_matches(run_in_process(extract_code(text), stdin), expected), (problem.key, text, stdin)
+def passes(text: str, problem) -> bool:
+    outputs = [run_in_process(extract_code(text), stdin) for stdin, _ in problem.cases]
+    return all(out is not None and stdout_matches(out, expected) for out, (_, expected) in zip(outputs, problem.cases))
+
+
+def test_every_listed_program_passes_and_every_wrong_program_fails_on_every_problem():
+    for seed in (0, 1):
+        problems = generate_problems(323, seed=seed) + generate_problems(37, seed=seed, split="test")
+        assert len({p.key for p in problems}) == 360
+        for problem in problems:
+            programs, wrong = enumerate_programs(problem), enumerate_wrong_programs(problem)
+            assert len(programs) == len(KINDS[problem.kind].programs(problem.param)) >= 4, problem.key  # distinct
+            assert len(wrong) == len(KINDS[problem.kind].wrong_programs(problem.param)) >= 2, problem.key
+            assert not programs.keys() & wrong.keys()
+            assert all(program_id(text) == pid for pid, text in (programs | wrong).items())
+            for text in programs.values():
+                assert passes(text, problem), (problem.key, text)
+            for text in wrong.values():
+                assert not passes(text, problem), (problem.key, text)
+
+
+def test_some_wrong_programs_are_right_for_another_kind():
+    # `input() * K` repeats a word and is wrong for an integer: the prompt, not the program's shape, decides.
+    repeat, times = make_problem("word_repeat", 12, random.Random(0)), make_problem("int_times", 12, random.Random(0))
+    assert program_id(format_completion("print(input() * 12)")) in enumerate_programs(repeat)
+    assert program_id(format_completion("print(input() * 12)")) in enumerate_wrong_programs(times)
+    largest, smallest = make_problem("max_plus", 20, random.Random(0)), make_problem("min_plus", 20, random.Random(0))
+    assert enumerate_programs(smallest).keys() & enumerate_wrong_programs(largest).keys()
+
+
+def test_pretraining_completions_mix_correct_and_wrong_programs():
+    problems = generate_problems(400, seed=0, unique=False)
+    rng = random.Random(0)
+    drawn = [(p, pretraining_completion(p, rng)) for p in problems]
+    wrong = [program_id(text) in enumerate_wrong_programs(p) for p, text in drawn]
+    assert all(w or program_id(text) in enumerate_programs(p) for (p, text), w in zip(drawn, wrong))
+    assert abs(sum(wrong) / len(wrong) - WRONG_SHARE) < 0.06 and WRONG_SHARE == 0.5
+    again = random.Random(0)
+    assert [pretraining_completion(p, again) for p in problems] == [text for _, text in drawn]
 
 
 def test_listed_programs_pass_through_code_reward_and_wrong_programs_fail(reward):
     problems = [
-        make_problem(kind, param, random.Random(0)) for kind, param in [("spread_times", 17), ("word_count", "e")]
+        make_problem(kind, param, random.Random(0)) for kind, param in [("spread_times", 17), ("word_suffix", 25)]
     ]
     problems.append(make_problem("int_multiples", 13, random.Random(0), num_cases=2))
     completions, tests = [], []
@@ -142,15 +185,17 @@ def test_listed_programs_pass_through_code_reward_and_wrong_programs_fail(reward
             tests.append(json.dumps(problem.tests))
     assert reward(completions, tests=tests) == [1.0] * len(completions)
 
-    wrong = [
-        (problems[0], "a = list(map(int, input().split()))\nprint(max(a) - min(a) * 17)"),  # precedence
+    # the listed wrong programs (precedence, an off-by-one range, reading past the input, ...) in the real sandbox
+    wrong = [(p, text) for p in problems for text in enumerate_wrong_programs(p).values()]
+    wrong += [
         (problems[0], "a = list(map(int, input().split()))\nprint((max(a) - min(a)) * 18)"),  # another parameter
         (problems[0], "a = list(map(int, input().split()))\nprint((max(a) - min(a)) + 17)"),  # another kind
-        (problems[1], "print(input().count('a'))"),
-        (problems[2], "n = int(input())\nprint(*range(13, 13 * n, 13))"),  # one multiple short
+        (problems[1], "print(input() + '52')"),
     ]
-    scores = reward([completion(code) for _, code in wrong], tests=[json.dumps(p.tests) for p, _ in wrong])
-    assert scores == [0.0] * len(wrong)
+    completions = [
+        [{"role": "assistant", "content": t if t.startswith("```") else format_completion(t)}] for _, t in wrong
+    ]
+    assert reward(completions, tests=[json.dumps(p.tests) for p, _ in wrong]) == [0.0] * len(wrong)
 
 
 def test_program_id_ignores_formatting_only():
@@ -165,9 +210,9 @@ def test_program_id_ignores_formatting_only():
 
 
 def test_held_out_benchmark_grades_in_the_sandbox_and_counts_distinct_programs():
-    assert len(load_benchmark("programs")) == 34  # by name: the whole held-out split
-    with pytest.raises(ValueError, match="34 held-out problems"):
-        programs_benchmark(35)
+    assert len(load_benchmark("programs")) == 37  # by name: the whole held-out split
+    with pytest.raises(ValueError, match="37 held-out problems"):
+        programs_benchmark(38)
     benchmark = programs_benchmark(2, seed=0)
     assert benchmark.max_new_tokens == 128 and all(is_held_out(*key) for key in zip(benchmark.dataset["kind"], [
         int(p) if p.isdigit() else p for p in benchmark.dataset["param"]]))  # fmt: skip

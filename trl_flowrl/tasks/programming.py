@@ -1,22 +1,30 @@
-"""The built-in programming task: small stdin/stdout problems, each with tests and several correct programs.
+"""The built-in programming task: small stdin/stdout problems, each with tests, correct programs and wrong programs.
 
-A problem is a kind and a parameter, asked as one user message::
+A problem is a kind and a parameter K, asked as one user message::
 
     Write a Python program that reads a line of integers and prints their sum plus 17. Answer in a ```python block.
 
 and answered with one fenced code block, graded by `trl_flowrl.rewards.CodeReward` against the problem's stdin/stdout
-cases. The kinds (`KINDS`), with parameter K:
+cases. The kinds (`KINDS`), each with K in 10..29:
 
 - a line of integers -> an aggregate (sum, largest, smallest, count, sum of squares, largest minus smallest) plus K
-  or multiplied by K (12 kinds, K in 10..29);
-- an integer n -> n multiplied by K, n modulo K, or the first n multiples of K (K in 10..29);
-- a word -> the word K times (K in 2..9), the count of one letter (K in a..z), its first K letters in upper case
-  (K in 1..6).
+  or multiplied by K (12 kinds);
+- an integer n -> n multiplied by K, n modulo K, or the first n multiples of K;
+- a word -> the word K times, the word followed by K, its length plus K.
 
-That is 340 problems (306 for training, 34 held out). The expected output of every case is computed here by plain
+That is 360 problems (323 for training, 37 held out). The expected output of every case is computed here by plain
 Python, never by running a program. Each problem lists several correct programs that differ in construction (a
 built-in vs a loop, sorting vs `max`, operand order), e.g. ``print(sum(map(int, input().split())) + 17)`` and a loop
-that accumulates ``s``; pre-training on all of them makes the model sample several programs per problem.
+that accumulates ``s``, and a few wrong programs: common bugs such as summing the strings of `input().split()`, the
+wrong end of a sorted list, `^` for a power, a missing pair of parentheses under `*`, an off-by-one range, or
+`input() * 17` for an integer. Every wrong program fails its problem's tests (the test suite checks every problem with
+the cases of two seeds; other inputs can let one pass by coincidence, rarely: the smallest value passes for the largest
+only when every case holds a single number or equal ones). Several are correct programs of another kind (`input() *
+17` repeats a word), so telling them apart means reading the prompt.
+
+The embedded model is pre-trained on both (`pretraining_completion`: a wrong program with probability
+`WRONG_SHARE`), as a model trained on unverified code would be: it starts out writing a correct program about half of
+the time, and a 1/0 reward from the tests can teach it which constructions pass.
 
 Two programs are the same when their code parses to the same syntax tree: `program_id` is the code of the completion's
 last fenced block, parsed and unparsed by `ast`, so spacing, comments, quotes and redundant parentheses do not make a
@@ -27,7 +35,8 @@ a train split or in pre-training data, for any seed. Its tests (drawn from the s
 has many parameters, so the held-out problems are new instances of kinds seen in training.
 
 Not handled: problems that need more than one line of input, floating-point output, or reasoning before the code;
-programs are not checked for efficiency (every case is tiny).
+programs are not checked for efficiency (every case is tiny); the listed wrong programs are a fixed set, not every
+way a program can be wrong.
 """
 
 import ast
@@ -47,6 +56,8 @@ HELD_OUT_PERCENT = 10
 """Share of all (kind, parameter) pairs (by a fixed hash, independent of any seed) reserved for held-out evaluation."""
 INSTRUCTION = "Answer in a ```python block."
 """The sentence that ends every prompt."""
+WRONG_SHARE = 0.5
+"""Share of the embedded model's pre-training completions that are listed wrong programs (`pretraining_completion`)."""
 
 _HASH_SALT = b"trl-flowrl/programs/v1"
 
@@ -58,34 +69,32 @@ _HASH_SALT = b"trl-flowrl/programs/v1"
 @dataclass(frozen=True)
 class _Kind:
     reads: str
-    params: tuple
-    prints: Callable[[object], str]
-    make_input: Callable[[random.Random, object], str]
-    solve: Callable[[str, object], str]
-    programs: Callable[[object], list[str]]
+    prints: Callable[[int], str]
+    make_input: Callable[[random.Random], str]
+    solve: Callable[[str, int], str]
+    programs: Callable[[int], list[str]]
+    wrong_programs: Callable[[int], list[str]]
+    params: tuple = tuple(range(10, 30))
+    # Always two digits, 20 values shared by every kind, so the model learns to copy K from the prompt. After 3000
+    # pre-training steps the 432k-parameter model copied two-digit constants but no one-character one (a letter or a
+    # digit, each with fewer values per kind); with K in 10..99 it copied none within 1000 steps.
 
 
-def _ints_input(rng: random.Random, _param) -> str:
+def _ints_input(rng: random.Random) -> str:
     return " ".join(str(rng.randint(-9, 30)) for _ in range(rng.randint(1, 6))) + "\n"
 
 
 def _int_input(low: int, high: int):
-    return lambda rng, _param: f"{rng.randint(low, high)}\n"
+    return lambda rng: f"{rng.randint(low, high)}\n"
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+def _word_input(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8))) + "\n"
 
 
-def _word_with_letter(rng: random.Random, letter: str) -> str:
-    letters = list(_word(rng))
-    for _ in range(rng.choice((0, 1, 1, 2, 3))):
-        letters.insert(rng.randint(0, len(letters)), letter)
-    return "".join(letters) + "\n"
-
-
-# An aggregate: (what the prompt calls it, its value, styles). A style is (set-up lines, expression, compound): the
-# program is the set-up, then `print(expression <op> K)`; a compound expression gets parentheses under `*`.
+# An aggregate: (what the prompt calls it, its value, correct styles, wrong styles). A style is (set-up lines,
+# expression, compound): the program is the set-up, then `print(expression <op> K)`; a compound expression gets
+# parentheses under `*` (and, left without them, is one more wrong program: an operator-precedence bug).
 _AGGREGATES = {
     "sum": (
         "their sum",
@@ -96,6 +105,11 @@ _AGGREGATES = {
             (["s = 0", "for x in input().split():", "    s += int(x)"], "s", False),
             ([], "sum(int(x) for x in input().split())", False),
         ],
+        [
+            ([], "sum(input().split())", False),  # strings, not numbers: TypeError
+            (["s = 0", "for x in input().split():", "    s += x"], "s", False),  # TypeError
+            (["s = 0", "for x in input():", "    s += int(x)"], "s", False),  # characters, not numbers
+        ],
     ),
     "max": (
         "their largest value",
@@ -104,6 +118,10 @@ _AGGREGATES = {
             ([], "max(map(int, input().split()))", False),
             (["a = sorted(map(int, input().split()))"], "a[-1]", False),
             (["a = list(map(int, input().split()))", "m = a[0]", "for x in a:", "    m = max(m, x)"], "m", False),
+        ],
+        [
+            (["a = sorted(map(int, input().split()))"], "a[0]", False),  # the wrong end
+            ([], "max(input().split())", False),  # the largest string
         ],
     ),
     "min": (
@@ -114,6 +132,10 @@ _AGGREGATES = {
             (["a = sorted(map(int, input().split()))"], "a[0]", False),
             (["a = list(map(int, input().split()))", "m = a[0]", "for x in a:", "    m = min(m, x)"], "m", False),
         ],
+        [
+            (["a = sorted(map(int, input().split()))"], "a[-1]", False),
+            ([], "min(input().split())", False),
+        ],
     ),
     "count": (
         "their count",
@@ -122,6 +144,10 @@ _AGGREGATES = {
             ([], "len(input().split())", False),
             (["a = input().split()"], "len(a)", False),
             (["c = 0", "for x in input().split():", "    c += 1"], "c", False),
+        ],
+        [
+            ([], "len(input())", False),  # characters, not numbers
+            (["c = 0", "for x in input():", "    c += 1"], "c", False),
         ],
     ),
     "squares": (
@@ -132,6 +158,11 @@ _AGGREGATES = {
             (["a = list(map(int, input().split()))"], "sum(x * x for x in a)", False),
             (["s = 0", "for x in input().split():", "    s += int(x) ** 2"], "s", False),
         ],
+        [
+            ([], "sum(int(x) ^ 2 for x in input().split())", False),  # ^ is xor
+            (["a = list(map(int, input().split()))"], "sum(x * 2 for x in a)", False),
+            ([], "sum(map(int, input().split())) ** 2", False),  # the square of the sum
+        ],
     ),
     "spread": (
         "their spread (largest minus smallest)",
@@ -141,35 +172,43 @@ _AGGREGATES = {
             (["a = sorted(map(int, input().split()))"], "a[-1] - a[0]", True),
             (["a = list(map(int, input().split()))", "d = max(a) - min(a)"], "d", False),
         ],
+        [
+            (["a = sorted(map(int, input().split()))"], "a[-1] - a[1]", True),  # the second smallest
+            (["a = list(map(int, input().split()))"], "min(a) - max(a)", True),  # the wrong sign
+        ],
     ),
 }
 _MODIFIERS = {"plus": ("plus", "+", lambda x, k: x + k), "times": ("multiplied by", "*", lambda x, k: x * k)}
-# Always two digits, and 20 values per kind: too many to memorise per kind, so the model learns to copy K from the
-# prompt. (With 10..99 the 432k-parameter model did not learn to copy K within its pre-training budget.)
-_K = tuple(range(10, 30))
 
 
 def _aggregate_kind(aggregate: str, modifier: str) -> _Kind:
-    noun, value, styles = _AGGREGATES[aggregate]
+    noun, value, styles, wrong_styles = _AGGREGATES[aggregate]
     words, op, apply = _MODIFIERS[modifier]
 
+    def render(style, k, swapped=False, parenthesize=True):
+        setup, expr, compound = style
+        operand = f"({expr})" if compound and op == "*" and parenthesize else expr
+        return "\n".join([*setup, f"print({k} {op} {operand})" if swapped else f"print({operand} {op} {k})"])
+
     def programs(k):
-        out = []
-        for setup, expr, compound in styles:
-            operand = f"({expr})" if compound and op == "*" else expr
-            out.append("\n".join([*setup, f"print({operand} {op} {k})"]))
-        setup, expr, compound = styles[0]  # the one-liner, operands swapped
-        operand = f"({expr})" if compound and op == "*" else expr
-        out.append("\n".join([*setup, f"print({k} {op} {operand})"]))
+        # every style, then the one-liner with its operands swapped
+        return [render(style, k) for style in styles] + [render(styles[0], k, swapped=True)]
+
+    def wrong_programs(k):
+        out = [render(style, k) for style in wrong_styles]
+        if op == "*":  # a compound expression left without its parentheses
+            compound = [style for style in styles if style[2]]
+            out += [render(style, k, parenthesize=False) for style in compound]
+            out += [render(style, k, swapped=True, parenthesize=False) for style in compound[:1]]
         return out
 
     return _Kind(
         reads="a line of integers",
-        params=_K,
         prints=lambda k: f"{noun} {words} {k}",
         make_input=_ints_input,
         solve=lambda text, k: str(apply(value([int(x) for x in text.split()]), k)),
         programs=programs,
+        wrong_programs=wrong_programs,
     )
 
 
@@ -180,7 +219,6 @@ KINDS: dict[str, _Kind] = {
 }
 KINDS["int_times"] = _Kind(
     reads="an integer n",
-    params=_K,
     prints=lambda k: f"n multiplied by {k}",
     make_input=_int_input(-50, 99),
     solve=lambda text, k: str(int(text) * k),
@@ -190,10 +228,14 @@ KINDS["int_times"] = _Kind(
         f"print({k} * int(input()))",
         f"n = int(input())\ns = 0\nfor _ in range({k}):\n    s += n\nprint(s)",
     ],
+    wrong_programs=lambda k: [
+        f"print(input() * {k})",  # repeats the text
+        f"n = input()\nprint(n * {k})",
+        f"n = int(input())\ns = n\nfor _ in range({k}):\n    s += n\nprint(s)",  # one term too many
+    ],
 )
 KINDS["int_mod"] = _Kind(
     reads="an integer n",
-    params=_K,
     prints=lambda k: f"the remainder of n divided by {k}",
     make_input=_int_input(0, 500),
     solve=lambda text, k: str(int(text) % k),
@@ -203,10 +245,14 @@ KINDS["int_mod"] = _Kind(
         f"n = int(input())\nprint(n - n // {k} * {k})",
         f"print(divmod(int(input()), {k})[1])",
     ],
+    wrong_programs=lambda k: [
+        f"print(int(input()) // {k})",  # the quotient
+        f"print(divmod(int(input()), {k})[0])",
+        f"n = int(input())\nprint(n - n // {k})",
+    ],
 )
 KINDS["int_multiples"] = _Kind(
     reads="an integer n",
-    params=_K,
     prints=lambda k: f"the first n multiples of {k} on one line",
     make_input=_int_input(1, 6),
     solve=lambda text, k: " ".join(str(k * i) for i in range(1, int(text) + 1)),
@@ -216,12 +262,16 @@ KINDS["int_multiples"] = _Kind(
         f"n = int(input())\nprint(' '.join(str({k} * i) for i in range(1, n + 1)))",
         f"n = int(input())\nfor i in range(1, n + 1):\n    print({k} * i, end=' ')\nprint()",
     ],
+    wrong_programs=lambda k: [
+        f"n = int(input())\nprint(*range({k}, {k} * n, {k}))",  # one short
+        f"n = int(input())\nprint(*[{k} * i for i in range(n)])",  # starts at 0
+        f"n = int(input())\nfor i in range(1, n + 1):\n    print({k} * i)",  # one per line
+    ],
 )
 KINDS["word_repeat"] = _Kind(
     reads="a word",
-    params=tuple(range(2, 10)),
     prints=lambda k: f"it {k} times on one line, with no spaces",
-    make_input=lambda rng, _k: _word(rng) + "\n",
+    make_input=_word_input,
     solve=lambda text, k: text.strip() * k,
     programs=lambda k: [
         f"print(input() * {k})",
@@ -230,32 +280,44 @@ KINDS["word_repeat"] = _Kind(
         f"print(''.join([input()] * {k}))",
         f"w = input()\ns = ''\nfor _ in range({k}):\n    s += w\nprint(s)",
     ],
-)
-KINDS["word_count"] = _Kind(
-    reads="a word",
-    params=tuple(string.ascii_lowercase),
-    prints=lambda c: f"how many times the letter {c} appears in it",
-    make_input=_word_with_letter,
-    solve=lambda text, c: str(text.strip().count(c)),
-    programs=lambda c: [
-        f"print(input().count('{c}'))",
-        f"w = input()\nprint(w.count('{c}'))",
-        f"print(sum(c == '{c}' for c in input()))",
-        f"print(len([c for c in input() if c == '{c}']))",
-        f"n = 0\nfor c in input():\n    if c == '{c}':\n        n += 1\nprint(n)",
+    wrong_programs=lambda k: [
+        f"print(' '.join([input()] * {k}))",  # with spaces
+        f"w = input()\ns = w\nfor _ in range({k}):\n    s += w\nprint(s)",  # once too many
+        f"for _ in range({k}):\n    print(input(), end='')",  # reads past the input
     ],
 )
-KINDS["word_upper"] = _Kind(
+KINDS["word_suffix"] = _Kind(
     reads="a word",
-    params=tuple(range(1, 7)),
-    prints=lambda k: f"its first {k} letters in upper case",
-    make_input=lambda rng, _k: _word(rng) + "\n",
-    solve=lambda text, k: text.strip()[:k].upper(),
+    prints=lambda k: f"it followed by the number {k}, with no space",
+    make_input=_word_input,
+    solve=lambda text, k: f"{text.strip()}{k}",
     programs=lambda k: [
-        f"print(input()[:{k}].upper())",
-        f"print(input().upper()[:{k}])",
-        f"w = input()\nprint(w[:{k}].upper())",
-        f"w = input()\ns = ''\nfor c in w[:{k}]:\n    s += c.upper()\nprint(s)",
+        f"print(input() + '{k}')",
+        f"print(input() + str({k}))",
+        f"w = input()\nprint(w + '{k}')",
+        f"print(input(), {k}, sep='')",
+    ],
+    wrong_programs=lambda k: [
+        f"print(input(), {k})",  # a space between
+        f"print(input() + {k})",  # TypeError
+        f"print('{k}' + input())",  # before, not after
+    ],
+)
+KINDS["word_length"] = _Kind(
+    reads="a word",
+    prints=lambda k: f"its length plus {k}",
+    make_input=_word_input,
+    solve=lambda text, k: str(len(text.strip()) + k),
+    programs=lambda k: [
+        f"print(len(input()) + {k})",
+        f"w = input()\nprint(len(w) + {k})",
+        f"print({k} + len(input()))",
+        f"n = 0\nfor c in input():\n    n += 1\nprint(n + {k})",
+    ],
+    wrong_programs=lambda k: [
+        f"print(len(input().split()) + {k})",  # counts words
+        f"n = 1\nfor c in input():\n    n += 1\nprint(n + {k})",  # starts at 1
+        f"print(len(input() + '{k}'))",
     ],
 )
 
@@ -285,7 +347,7 @@ class ProgrammingProblem:
     """A kind, its parameter, and the stdin/stdout cases that grade it (expected outputs computed in Python)."""
 
     kind: str
-    param: int | str
+    param: int
     cases: tuple[tuple[str, str], ...]
 
     def __post_init__(self):
@@ -323,7 +385,7 @@ class ProgrammingProblem:
         return is_held_out(self.kind, self.param)
 
 
-def make_problem(kind: str, param, rng: random.Random, num_cases: int = NUM_CASES) -> ProgrammingProblem:
+def make_problem(kind: str, param: int, rng: random.Random, num_cases: int = NUM_CASES) -> ProgrammingProblem:
     """The problem (kind, param) with `num_cases` distinct stdin inputs drawn from `rng`."""
     if kind not in KINDS:
         raise ValueError(f"Unknown problem kind {kind!r}; known kinds: {sorted(KINDS)}.")
@@ -332,7 +394,7 @@ def make_problem(kind: str, param, rng: random.Random, num_cases: int = NUM_CASE
     spec = KINDS[kind]
     inputs: list[str] = []
     for _ in range(100 * num_cases):
-        text = spec.make_input(rng, param)
+        text = spec.make_input(rng)
         if text not in inputs:
             inputs.append(text)
         if len(inputs) == num_cases:
@@ -345,8 +407,8 @@ def generate_problems(
 ) -> list[ProgrammingProblem]:
     """Draw `num_problems` problems of `split` and their cases, deterministically from `seed`.
 
-    `split="train"` keeps only problems outside the held-out set, `split="test"` only problems inside it (34 of
-    the 340). Problems are drawn uniformly among the split's (kind, parameter) pairs; with `unique=True` no pair repeats.
+    `split="train"` keeps only problems outside the held-out set, `split="test"` only problems inside it (37 of
+    the 360). Problems are drawn uniformly among the split's (kind, parameter) pairs; with `unique=True` no pair repeats.
     Raises ValueError when the split has fewer than `num_problems` pairs and `unique=True`.
     """
     if split not in ("train", "test"):
@@ -399,3 +461,19 @@ def enumerate_programs(problem: ProgrammingProblem) -> dict[str, str]:
         completion = format_completion(program)
         programs.setdefault(program_id(completion), completion)
     return programs
+
+
+def enumerate_wrong_programs(problem: ProgrammingProblem) -> dict[str, str]:
+    """The listed wrong programs of `problem` (common bugs, each failing its tests), as {program id: completion}."""
+    programs: dict[str, str] = {}
+    for program in KINDS[problem.kind].wrong_programs(problem.param):
+        completion = format_completion(program)
+        programs.setdefault(program_id(completion), completion)
+    return programs
+
+
+def pretraining_completion(problem: ProgrammingProblem, rng: random.Random) -> str:
+    """A completion for the embedded model's pre-training: with probability `WRONG_SHARE` one of the problem's listed
+    wrong programs, otherwise one of its correct programs, uniformly within each list."""
+    listed = enumerate_wrong_programs(problem) if rng.random() < WRONG_SHARE else enumerate_programs(problem)
+    return rng.choice(list(listed.values()))
