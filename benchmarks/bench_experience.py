@@ -1,6 +1,7 @@
 """Benchmark 3: where does ExGRPO's experience pay off? Two regimes, the same rollout budget, and the paper's ablations.
 
     python benchmarks/bench_experience.py                       # both regimes, 3 seeds x 300 steps, scarce ablations
+    python benchmarks/bench_experience.py --ablation-seeds 0    # the ablations on seed 0 only (a smaller budget)
     python benchmarks/bench_experience.py --regimes scarce --ablations exgrpo_no_shaping
     python benchmarks/bench_experience.py --smoke               # a short check that it runs
 
@@ -21,7 +22,9 @@ visits, in both):
 Arms (`arithmetic_runs.ARMS`): GRPO and ExGRPO at the paper's defaults in both regimes, the same ExGRPO without replay
 (`replay_ratio 0`: its loss and retirement alone) in both, ExGRPO with displaced questions requeued (a departure from
 the paper, meant for plentiful fresh questions) in plentiful, and, in scarce, the paper's ablations one at a time
-(`--ablations`). Every arm trains with the same seeds and steps and generates 64 completions per step.
+(`--ablations`). Every arm trains with the same steps and generates 64 completions per step; the main arms on every
+seed, the ablations on `--ablation-seeds` (default: every seed), and each ablation is compared with GRPO and with
+ExGRPO on its own seeds only.
 
 Rollouts are counted where TRL generates them: ExGRPO generates as many as GRPO and then replaces one fresh completion
 of each replayed group by the stored trajectory it replays, so it *uses* fewer fresh ones (both counts are reported;
@@ -111,14 +114,26 @@ def crossing(grpo_curves: list[list[dict]], curves: list[list[dict]], x_key: str
     }
 
 
-def arm_summary(grpo_runs: list[dict], runs: list[dict]) -> dict:
-    """An arm against GRPO in one regime: rollouts to reach, final accuracy and gap, questions trained."""
+def same_seeds(reference: list[dict], runs: list[dict]) -> list[dict]:
+    """The runs of `reference` with the seeds of `runs`, in the order of `runs` (an arm is compared seed by seed)."""
+    by_seed = {r["seed"]: r for r in reference}
+    missing = [r["seed"] for r in runs if r["seed"] not in by_seed]
+    if missing:
+        raise ValueError(f"no reference run for seed(s) {missing}: run the reference arm on every seed of the others.")
+    return [by_seed[r["seed"]] for r in runs]
+
+
+def arm_summary(grpo_runs: list[dict], runs: list[dict], exgrpo_runs: list[dict] | None = None) -> dict:
+    """An arm against GRPO in one regime (on the arm's seeds): rollouts to reach, final accuracy and gap, questions
+    trained; with `exgrpo_runs`, also its gap to ExGRPO at the defaults on the same seeds (the ablations')."""
+    grpo_runs = same_seeds(grpo_runs, runs)
     grpo_curves, curves = [r["curve"] for r in grpo_runs], [r["curve"] for r in runs]
     final = [c[-1]["accuracy"] for c in curves]
     gaps = [c[-1]["accuracy"] - g[-1]["accuracy"] for g, c in zip(grpo_curves, curves)]
     questions = [r.get("questions", {}) for r in runs]
     started = [_replay_start(r) for r in runs]
-    return {
+    summary = {
+        "seeds": [r["seed"] for r in runs],
         "to_reach_grpo_final": crossing(grpo_curves, curves),
         "to_reach_grpo_final_fresh": crossing(grpo_curves, curves, "fresh_rollouts_used"),
         "to_reach_per_seed": [crossing([g], [c])["ratio"] for g, c in zip(grpo_curves, curves)],
@@ -132,6 +147,10 @@ def arm_summary(grpo_runs: list[dict], runs: list[dict]) -> dict:
         ),
         "replay_started_at_step": started,
     }
+    if exgrpo_runs is not None:
+        exgrpo = [r["curve"][-1]["accuracy"] for r in same_seeds(exgrpo_runs, runs)]
+        summary["gap_to_exgrpo_points"] = ar.summarize([100 * (f - e) for f, e in zip(final, exgrpo)])
+    return summary
 
 
 def _replay_start(record: dict) -> int | None:
@@ -237,6 +256,11 @@ def print_report(regimes: dict, targets: dict) -> None:
                 f"{', '.join(fmt_ratio(r) for r in s['to_reach_per_seed'])}), "
                 f"{s['distinct_questions']['mean']:.0f} distinct questions, replay from step "
                 f"{s['replay_started_at_step']}"
+                + (
+                    f"; seeds {s['seeds']}, minus ExGRPO on them {s['gap_to_exgrpo_points']['mean']:+.1f} points"
+                    if "gap_to_exgrpo_points" in s
+                    else ""
+                )
             )
     print()
     for key, check in targets.items():
@@ -269,6 +293,11 @@ def main(argv=None) -> dict:
         default=",".join(SCARCE_ABLATIONS),
         help="comma-separated ExGRPO arms run in the scarce regime besides GRPO, ExGRPO and no replay ('' for none)",
     )
+    parser.add_argument(
+        "--ablation-seeds",
+        default=None,
+        help="comma-separated seeds of the ablations (default: every seed of --seeds)",
+    )
     parser.add_argument("--weak-model-steps", type=int, default=WEAK_MODEL_STEPS, help="pre-training steps (scarce)")
     args = parser.parse_args(argv)
     seeds, spec, output_dir = ar.resolve_run_arguments(args)
@@ -279,6 +308,11 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"Unknown regime(s) {sorted(unknown)}: use {list(REGIMES)}.")
     ablations = ar.parse_arms(args.ablations, ()) if args.ablations else []
+    ablation_seeds = seeds if args.ablation_seeds is None else [int(s) for s in args.ablation_seeds.split(",")]
+    if not set(ablation_seeds) <= set(seeds):
+        raise SystemExit(
+            f"--ablation-seeds {ablation_seeds} must be among --seeds {seeds} (they are compared per seed)."
+        )
     if args.smoke:  # every kind of arm once, in as few runs as possible
         ablations = ablations[:1]
 
@@ -296,6 +330,8 @@ def main(argv=None) -> dict:
         runs[name] = {arm: [] for arm in arms}
         for seed in seeds:  # interleaved, so that a slow spell of the machine does not fall on one arm
             for arm in arms:
+                if arm in ablations and name == "scarce" and seed not in ablation_seeds:
+                    continue
                 runs[name][arm].append(
                     ar.tracked_run(
                         arm,
@@ -313,7 +349,10 @@ def main(argv=None) -> dict:
             "description": regime.description,
             "overrides": list(regime.overrides),
             "model": "weak" if regime.weak_model else "embedded",
-            "arms": {arm: arm_summary(grpo, records) for arm, records in runs[name].items()},
+            "arms": {
+                arm: arm_summary(grpo, records, runs[name]["exgrpo"] if arm in ablations else None)
+                for arm, records in runs[name].items()
+            },
             "equal_rollouts": _equal_rollouts(runs[name]),
         }
     targets = evaluate_targets(regimes)

@@ -268,6 +268,11 @@ def _experience_time(report: dict) -> str:
     )
 
 
+def _ablation_seeds(regime: dict) -> list[int]:
+    """The seeds the ablations of a regime ran on ([] without ablations)."""
+    return next((s.get("seeds", []) for s in regime["arms"].values() if "gap_to_exgrpo_points" in s), [])
+
+
 def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
     lines = ["### 3. Experience: ExGRPO vs GRPO where fresh questions are scarce and where they are plentiful", ""]
     lines += _provenance(report, "experience")
@@ -291,8 +296,9 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
             f"{grpo['distinct_questions']['mean']:.0f} distinct questions.",
             "",
             "| arm | final accuracy, % (per seed) | minus GRPO, points | rollouts to reach GRPO's final, x GRPO's "
-            "(per seed) | distinct questions trained | most replays of one question | replay from step | paper |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "(per seed) | minus ExGRPO, points (ablations, same seeds) | distinct questions trained | most replays "
+            "of one question | replay from step | paper |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for arm, s in regime["arms"].items():
             most = [m for m in s["max_replays_per_question"] if m is not None]
@@ -302,7 +308,9 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
                 f"({_per_seed(s['final_accuracy']['per_seed'], '{:.1f}', 100)}) | "
                 + ("-" if arm == "grpo" else f"{s['gap_points']['mean']:+.1f}")
                 + f" | {_ratio(s['to_reach_grpo_final']['ratio'])} "
-                f"({', '.join(_ratio(r) for r in s['to_reach_per_seed'])}) | {s['distinct_questions']['mean']:.0f} | "
+                f"({', '.join(_ratio(r) for r in s['to_reach_per_seed'])}) | "
+                + (f"{s['gap_to_exgrpo_points']['mean']:+.1f}" if "gap_to_exgrpo_points" in s else "-")
+                + f" | {s['distinct_questions']['mean']:.0f} | "
                 + (", ".join(map(str, most)) if most and any(most) else "-")
                 + f" | {', '.join(started) if arm != 'grpo' else '-'} | {PAPER_EXGRPO.get(arm, '')} |"
             )
@@ -310,7 +318,11 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
         arms = list(regime["arms"])
         lines += [
             "",
-            "Held-out accuracy (%) at equal rollouts, mean over seeds:",
+            "Held-out accuracy (%) at equal rollouts, mean over each arm's seeds (the ablations': "
+            + ", ".join(str(seed) for seed in _ablation_seeds(regime))
+            + "):"
+            if _ablation_seeds(regime)
+            else "Held-out accuracy (%) at equal rollouts, mean over seeds:",
             "",
             "| step | rollouts | " + " | ".join(_label(a, report) for a in arms) + " |",
             "|---:|---:|" + "---:|" * len(arms),

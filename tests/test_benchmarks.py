@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import arithmetic_runs as ar  # noqa: E402
 import bench_distribution_matching as bdm  # noqa: E402
+import bench_experience as bex  # noqa: E402
 import write_results  # noqa: E402
 
 
@@ -253,6 +254,44 @@ def test_evaluate_targets_met_and_missed():
     paths = undefined["checks"]["paths_ratio"]
     assert paths["value"] is None and paths["margin"] is None and paths["met"] and paths["per_seed"] == [None, None]
     assert not bdm.evaluate_targets({"grpo": none, "m": none}, "m", bdm.ISSUE9)["checks"]["paths_ratio"]["met"]
+
+
+def _experience_run(seed: int, accuracies: list[float], replayed: int = 0) -> dict:
+    curve = [
+        {
+            "step": 10 * i,
+            "rollouts_generated": 100.0 * i,
+            "fresh_rollouts_used": 100.0 * i - replayed * i,
+            "accuracy": a,
+        }
+        for i, a in enumerate(accuracies)
+    ]
+    return {
+        "seed": seed,
+        "curve": curve,
+        "rollouts_generated": curve[-1]["rollouts_generated"],
+        "rollouts_replayed": replayed * (len(accuracies) - 1),
+        "questions": {"distinct_questions": 10},
+    }
+
+
+def test_experience_ablations_are_compared_on_their_own_seeds():
+    grpo = [_experience_run(0, [0.2, 0.4, 0.5]), _experience_run(1, [0.2, 0.3, 0.9])]
+    exgrpo = [_experience_run(0, [0.2, 0.5, 0.6], 10), _experience_run(1, [0.2, 0.6, 0.7], 10)]
+    ablation = [_experience_run(1, [0.2, 0.2, 0.65], 10)]  # seed 1 only
+    s = bex.arm_summary(grpo, ablation, exgrpo)
+    assert s["seeds"] == [1]
+    # against GRPO's seed 1 (0.9), not the mean over both seeds (0.7)
+    assert s["gap_points"]["mean"] == pytest.approx(-25.0)
+    assert s["to_reach_grpo_final"]["grpo_final_accuracy"] == pytest.approx(0.9)
+    assert s["to_reach_grpo_final"]["ratio"] is None  # 0.65 never reaches 0.9
+    assert s["gap_to_exgrpo_points"]["mean"] == pytest.approx(-5.0)  # 0.65 - ExGRPO's seed-1 0.70
+    # a main arm: every seed, each against GRPO's own (60 - 50 and 70 - 90 points), no ExGRPO gap
+    main = bex.arm_summary(grpo, exgrpo)
+    assert main["seeds"] == [0, 1] and "gap_to_exgrpo_points" not in main
+    assert main["gap_points"]["per_seed"] == pytest.approx([10.0, -20.0])
+    with pytest.raises(ValueError, match="seed"):
+        bex.arm_summary(grpo, [_experience_run(2, [0.1, 0.2, 0.3])])
 
 
 def test_results_writer_target_lines():
