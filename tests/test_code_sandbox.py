@@ -169,6 +169,16 @@ def test_infrastructure_errors_are_not_wrong_answers():
         reward([block(SUM_OK)], solution=["3"])
 
 
+def test_completions_that_are_not_text_score_as_no_code(caplog):
+    reward = CodeReward(_BrokenExecutor(), no_code_score=0.0)  # the executor is never reached
+    metrics = {}
+    with caplog.at_level("WARNING", logger="trl_flowrl.rewards.code_reward"):
+        scores = reward([None, [], {"content": "x"}, 7], tests=[SUM_TESTS] * 4, log_metric=metrics.__setitem__)
+    assert scores == [0.0, 0.0, 0.0, 0.0]
+    assert metrics["code_reward/no_code"] == 1.0 and metrics["code_reward/infra_error"] == 0.0
+    assert caplog.text.count("not text") == 4
+
+
 # -- correct programs, every style ---------------------------------------------------------------------------------
 
 

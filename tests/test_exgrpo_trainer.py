@@ -516,8 +516,9 @@ def test_entropy_bonus_logs_policy_loss_and_coefficient(tiny_model_path, tmp_pat
 
 
 def test_infinite_rewards_are_unscorable_and_not_trained_on(tiny_model_path, tmp_path):
-    def sometimes_infinite(completion_ids, **kwargs):
-        return [float("inf") if i % 4 == 0 else float(sum(ids) % 2 == 0) for i, ids in enumerate(completion_ids)]
+    def sometimes_infinite(completion_ids, **kwargs):  # +inf and -inf, each on one completion in eight
+        inf = [float("inf"), float("-inf")]
+        return [inf[i % 8 // 4] if i % 4 == 0 else float(sum(ids) % 2 == 0) for i, ids in enumerate(completion_ids)]
 
     args = make_config(tmp_path, max_steps=3, delayed_start_threshold=0.0, scale_rewards="none")
     trainer = RecordingTrainer(tiny_model_path, sometimes_infinite, args=args, train_dataset=questions())

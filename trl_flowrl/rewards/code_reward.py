@@ -578,7 +578,12 @@ class CodeReward:
 
         def one(pair):
             completion, raw_tests = pair
-            code = extract_code(completion_text(completion))
+            try:
+                text = completion_text(completion)
+            except TypeError as error:  # None, [], a dict...: no program to run, never a crash of the reward step
+                logger.warning("A completion that is not text is scored as having no code: %s", error)
+                return None
+            code = extract_code(text)
             if code is None:
                 return None
             spec = self._limit(normalize_tests(raw_tests))
