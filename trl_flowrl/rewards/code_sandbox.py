@@ -30,6 +30,7 @@ Nothing outlives the trainer: the bootstrap and the program die with it (parent-
 namespace dies with its init), and a watchdog process started with the first run removes the work directories and
 the pids cgroups (killing anything left in them) as soon as the trainer has exited, SIGKILL included. Work
 directories and cgroups left by a trainer that is gone (its lock released) are also removed at the next start.
+(One exception: in `none` mode without root, a process the program moved out of its session survives; see below.)
 
 Isolation modes (`isolation="auto"` picks the first that works):
 - `namespaces` (root): the above, the program running as an unprivileged uid per slot. Needs the interpreter and its
