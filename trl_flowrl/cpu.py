@@ -2,9 +2,10 @@
 
 A 432k-parameter model gains little from intra-op parallelism, while torch's worker threads spin and fight for cores
 when the machine is shared. Measured with the default FlowRL math recipe on a 2-core machine (seconds per step, two
-threads / one thread): quiet 0.60 / 0.83, beside one busy process 7.16 / 0.87, beside two 1.86 / 1.30. So the embedded runs (recipes with no model, the evaluation
-of the built-in tasks, the benchmarks) use one thread unless told otherwise; a one-thread run never takes more than
-its share of a busy machine. An explicit choice always wins: a command-line flag first, then `OMP_NUM_THREADS`.
+threads / one thread): quiet 0.60 / 0.83, beside one busy process 7.16 / 0.87, beside two 1.86 / 1.30. So the
+embedded runs (recipes with no model, the evaluation of the built-in tasks, the benchmarks) use one thread unless told
+otherwise; a one-thread run never takes more than its share of a busy machine. An explicit choice always wins: a
+command-line flag first, then `OMP_NUM_THREADS`.
 
 Not handled: real models (a path or hub id) and GPU runs keep torch's own default; nothing here looks at the load.
 """
