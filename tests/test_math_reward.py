@@ -259,10 +259,41 @@ def test_reward_scores_and_metrics():
     assert metrics["math_reward/no_answer"] == pytest.approx(0.2)
     assert metrics["math_reward/timeout"] == pytest.approx(0.2)
     assert metrics["math_reward/gold_unparseable"] == pytest.approx(0.2)
-    assert metrics["math_reward/error"] == 0.0
+    assert metrics["math_reward/error"] == metrics["math_reward/infra_error"] == 0.0
     assert extra["math_outcome"] == ["correct", "wrong", "no_answer", "timeout", "gold_unparseable"]
     assert extra["math_answer"][:2] == ["4", "5"]
     assert reward.__name__ == "math_accuracy"  # the name TRL logs the reward under
+
+
+def test_a_worker_killed_mid_request_is_an_infrastructure_error_skipped_by_default():
+    # What the OOM killer does: SIGKILL a worker that is busy grading. The answer was never judged, so its default
+    # score is None (TRL skips it), as for CodeReward's infrastructure errors; a 0 would call it wrong.
+    reward = MathAccuracyReward(num_workers=1, parse_timeout=300, verify_timeout=300, hard_timeout=900)
+    pool = reward.verifier.pool
+    assert reward([r"\boxed{1}"], solution=["1"]) == [1.0]  # the worker is up
+    huge = "\\boxed{" + "+".join(f"x^{{{i}}}" for i in range(200_000)) + "}"  # minutes of parsing
+    metrics, extra, result = {}, {}, {}
+    grading = threading.Thread(
+        target=lambda: result.setdefault(
+            "scores", reward([huge], solution=["3"], log_metric=metrics.__setitem__, log_extra=extra.__setitem__)
+        ),
+        daemon=True,
+    )
+    grading.start()
+    deadline = time.monotonic() + 60
+    while grading.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        # Kill whichever worker holds the slot: one killed before it read the request is replaced and sent it again.
+        proc = pool._slots[0].proc
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    grading.join(timeout=10)
+    assert not grading.is_alive(), "the reward did not return after its worker was killed"
+    assert result["scores"] == [None]
+    assert extra["math_outcome"] == ["infra_error"]
+    assert metrics["math_reward/infra_error"] == 1.0 and metrics["math_reward/error"] == 0.0
+    assert reward([r"\boxed{2}"], solution=["2"]) == [1.0]  # a fresh worker grades the next request
+    assert MathAccuracyReward(infra_error_score=0.0, num_workers=1).scores[Outcome.INFRA_ERROR] == 0.0
 
 
 def test_reward_inside_a_grpo_trainer(tiny_model_path, arithmetic_dataset, tmp_path):

@@ -15,6 +15,10 @@ stripped; but LaTeX shorthand such as `\frac12` is repaired instead of scored wr
   worker that has not answered by the hard deadline is SIGKILLed and replaced;
 - timeouts, parser errors and unparseable gold answers reported as such, with the score of each chosen by the user
   (0.0, or `None` so that TRL skips the sample);
+- a worker that dies while grading (a crash, the OOM killer), cannot start or answers garbage reported as an
+  infrastructure error, `infra_error`, skipped by default like `CodeReward`'s: the answer was never judged, so a 0
+  would teach the policy that a possibly correct answer is wrong. A math-verify timeout or exception on an answer is
+  not one: it happens again on the same answer, so it is a property of the answer (scored 0.0 by default);
 - gold answers that are words: math-verify reads a bare word as a product of one-letter symbols, so any anagram
   would match it (`None`, a missing solution made a string, equals `neon`). A gold is `gold_unparseable` when it is
   missing (`None`, empty), has no math in it, or has a *bare word*, two or more letters in a row outside LaTeX commands,
@@ -71,9 +75,10 @@ class Outcome(str, enum.Enum):
     CORRECT = "correct"
     WRONG = "wrong"
     NO_ANSWER = "no_answer"  # no `\boxed{}` / `Answer:` line, or nothing parseable in it: the model's fault
-    TIMEOUT = "timeout"  # math-verify's own timeout, or the worker killed at the hard deadline
-    ERROR = "error"  # a parser/verifier exception or a crashed worker: not the model's fault
+    TIMEOUT = "timeout"  # math-verify's own timeout, or the worker killed at the hard deadline: the answer's property
+    ERROR = "error"  # math-verify (or the extraction) raised on this answer: the answer's property too
     GOLD_UNPARSEABLE = "gold_unparseable"  # the dataset's answer has no math in it: a data problem
+    INFRA_ERROR = "infra_error"  # the worker died (crash, OOM kill), did not start or answered garbage: not judged
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,7 @@ class MathVerifier:
         if isinstance(reply, WorkerTimeout):
             return MathGrade(Outcome.TIMEOUT, detail=f"worker killed after {self.hard_timeout:g} s")
         if isinstance(reply, WorkerCrashed):
-            return MathGrade(Outcome.ERROR, detail=f"worker crashed: {reply}")
+            return MathGrade(Outcome.INFRA_ERROR, detail=f"worker crashed: {reply}")
         return MathGrade(
             outcome=Outcome(reply["outcome"]),
             answer=reply.get("answer"),
@@ -310,7 +315,10 @@ class MathAccuracyReward:
         wrong_score: score of a wrong answer and of a completion with no final answer (or that is not text at all:
             None, an empty list, a dict; logged once per type).
         timeout_score: score when verification timed out; `None` makes TRL skip the sample.
-        error_score: score on a parser/verifier error or a crashed worker; `None` skips the sample.
+        error_score: score when math-verify raised on the answer (it would again: the answer's property); `None` skips.
+        infra_error_score: score when the worker died (a crash, the OOM killer), did not start or answered garbage, so
+            the answer was never judged; `None` (the default, as `CodeReward`'s) makes TRL skip the sample rather than
+            score a possibly correct answer 0.
         gold_unparseable_score: score when the gold answer cannot be parsed (logged as a warning); `None` skips.
         metric_prefix: prefix of the metrics logged through TRL's `log_metric` (the fraction of each outcome in the
             batch, e.g. `math_reward/timeout`).
@@ -333,6 +341,7 @@ class MathAccuracyReward:
         verify_timeout: int = 5,
         hard_timeout: float | None = None,
         metric_prefix: str = "math_reward",
+        infra_error_score: float | None = None,
     ):
         self.verifier = MathVerifier(answer_format, num_workers, parse_timeout, verify_timeout, hard_timeout)
         self.scores = {
@@ -342,6 +351,7 @@ class MathAccuracyReward:
             Outcome.TIMEOUT: timeout_score,
             Outcome.ERROR: error_score,
             Outcome.GOLD_UNPARSEABLE: gold_unparseable_score,
+            Outcome.INFRA_ERROR: infra_error_score,
         }
         self.metric_prefix = metric_prefix
         self._warned_golds: set[str] = set()
