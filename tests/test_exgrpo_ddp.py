@@ -174,3 +174,77 @@ def test_resume_reads_the_replay_state_once_and_broadcasts_it(tiny_model_path, t
         for key, value in state["saved"].items():
             restored = state["resumed"][key]
             assert torch.equal(value, restored) if isinstance(value, torch.Tensor) else value == restored, key
+
+
+UNEVEN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+    from datasets import Dataset
+
+    from trl_flowrl.exgrpo import ExGRPOConfig, ExGRPOTrainer
+
+    model_path, output_dir = sys.argv[1], sys.argv[2]
+
+
+    def parity_reward(completion_ids, **kwargs):
+        return [float(sum(ids) % 2 == 0) for ids in completion_ids]
+
+
+    class Recording(ExGRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.local_replays, self.chosen_entropies = [], []
+
+        def _plan_generation(self, inputs):
+            inputs, plan = super()._plan_generation(inputs)
+            self.local_replays.append(len(plan.substitutions))
+            self.chosen_entropies.append(list(plan.chosen_entropies))
+            return inputs, plan
+
+        def log(self, logs, start_time=None):
+            self.logged = getattr(self, "logged", []) + [dict(self._metrics["train"])]
+            super().log(logs, start_time)
+
+
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)])
+    args = ExGRPOConfig(
+        output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4,
+        num_generations=4,  # one group per process, two per generation: floor(0.5 * 2) = 1 replayed, on rank 0 only
+        max_completion_length=8, max_steps=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0,
+        disable_tqdm=True, delayed_start_threshold=0.0, beta=0.04,
+    )
+    trainer = Recording(model_path, parity_reward, args=args, train_dataset=dataset)
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    torch.save(
+        {
+            "local_replays": trainer.local_replays,
+            "chosen_entropies": trainer.chosen_entropies,
+            "logged": [{k: list(v) for k, v in m.items()} for m in trainer.logged],
+        },
+        f"{output_dir}/uneven{rank}.pt",
+    )
+    trainer.accelerator.end_training()
+    """
+)
+
+
+def test_uneven_replay_across_processes(tiny_model_path, tmp_path):
+    """One group per process and replay_ratio 0.5: a replaying step replays one group, always on rank 0, so rank 1
+    scores no trajectory; every collective (the chosen-entropy reduce included) must still match across ranks."""
+    script = tmp_path / "uneven_ddp.py"
+    script.write_text(UNEVEN_SCRIPT)
+    run_distributed(script, tiny_model_path, str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"uneven{rank}.pt", weights_only=False) for rank in range(2))
+
+    steps = [s for s, (r0, r1) in enumerate(zip(rank0["local_replays"], rank1["local_replays"])) if (r0, r1) == (1, 0)]
+    assert steps, (rank0["local_replays"], rank1["local_replays"])
+    assert all(r1 == 0 for r1 in rank1["local_replays"])
+    for step in steps:
+        # The logged chosen entropy is rank 0's only, not diluted by rank 1's empty list.
+        (chosen,) = rank0["chosen_entropies"][step]
+        assert rank1["chosen_entropies"][step] == []
+        assert rank0["logged"][step]["replay/chosen_entropy"] == pytest.approx([chosen], rel=1e-5)
+        assert rank1["logged"][step]["replay/chosen_entropy"] == pytest.approx([chosen], rel=1e-5)

@@ -484,7 +484,11 @@ class ExGRPOTrainer(GRPOTrainer):
             metrics["replay/replayed_reward_mean"].append(replayed_rewards.mean().item())
         if self.args.trajectory_selection != "random":
             device = self.accelerator.device
-            local = torch.tensor([sum(plan.chosen_entropies), len(plan.chosen_entropies)], device=device)
+            # An explicit dtype: a process that replayed nothing would otherwise send int64 zeros against the others'
+            # float32, and the reduce aborts (gloo) or hangs. Every collective here has a rank-independent dtype/shape.
+            local = torch.tensor(
+                [sum(plan.chosen_entropies), len(plan.chosen_entropies)], dtype=torch.float32, device=device
+            )
             total, count = self.accelerator.reduce(local, reduction="sum").tolist()
             if count > 0:
                 metrics["replay/chosen_entropy"].append(total / count)
