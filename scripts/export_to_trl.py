@@ -14,19 +14,30 @@ What it writes into the checkout:
   newer (arXiv ids are chronological).
 - `tests/experimental/test_flowrl_trainer.py` and `tests/experimental/test_exgrpo_trainer.py` (from
   `docs/upstream_tests/`).
+- `FlowRLTrainer` and `ExGRPOTrainer` in `_TELEMETRY_TRAINERS` of `trl/trainer/base_trainer.py`, TRL's allowlist of
+  trainer names its usage telemetry may report (any other class is reported as "other"), among the experimental ones.
 
 Running it again gives the same checkout: the folders and pages are rewritten and the index entries replaced in place.
 
+All or nothing: everything is read, rewritten and checked first (a target that is a symbolic link, or a folder where a
+file goes, is refused rather than written through or replaced), then written beside its target under a hidden name,
+then moved in; a failure at any point puts back what was there. On failure it exits 1 with an `export_to_trl:` message
+and the checkout is as it was.
+
 Left out: everything of trl_flowrl outside the two subpackages (rewards, data, tasks, recipes, evaluation, the version
-check in `_compat`). It fails, and writes nothing, when a trainer module imports any of it, imports `trl` with a form
-it does not rewrite (`import trl...`, a star import), imports a `trl` name that the checkout does not have (a TRL
-version the trainers were not written against), or still names `trl_flowrl` after the rewrite; and when a docs page
-documents a name that its subpackage does not export. Only the standard library is needed to run it.
+check in `_compat`). It also fails, and writes nothing, when a trainer module imports any of it, imports `trl` with a
+form it does not rewrite (`import trl...`, a star import), imports a `trl` name that the checkout does not have (a TRL
+version the trainers were not written against), or still names `trl_flowrl` after the rewrite; when a docs page
+documents a name that its subpackage does not export; and when a file it reads is not UTF-8 or is Python that this
+interpreter cannot parse. Only the standard library is needed to run it.
 """
 
 import argparse
 import ast
+import contextlib
+import os
 import re
+import secrets
 import shutil
 import sys
 from dataclasses import dataclass
@@ -38,6 +49,8 @@ PACKAGE = "trl_flowrl"
 LINE_LENGTH = 119  # TRL's ruff line length
 PAPER_INDEX_SECTION = "## Group Relative Policy Optimization"
 PAPER_LINK = re.compile(r"huggingface\.co/papers/(\d{4})\.(\d{4,5})")
+TELEMETRY_FILE = Path("trl/trainer/base_trainer.py")
+TELEMETRY_SET = "_TELEMETRY_TRAINERS"
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,32 @@ EXPORTED = {algorithm.name for algorithm in ALGORITHMS}
 
 class ExportError(Exception):
     """Something the export cannot carry into TRL; the message says what to change."""
+
+
+class RestoreError(ExportError):
+    """Writing failed mid-way and putting the checkout back failed too; the message says what is where."""
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ExportError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8 and run again."
+        ) from None
+    except OSError as error:
+        raise ExportError(f"cannot read {path}: {error.strerror}.") from None
+
+
+def parse(source: str, path: Path | str) -> ast.Module:
+    try:
+        return ast.parse(source, filename=str(path))
+    except SyntaxError as error:
+        python = f"{sys.version_info.major}.{sys.version_info.minor}"
+        raise ExportError(
+            f"{path}, line {error.lineno}: Python {python} cannot parse it ({error.msg}). If the checkout is written "
+            "for a newer Python, run the export with that Python."
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -84,7 +123,7 @@ class TrlCheckout:
     @property
     def version(self) -> str:
         path = self.root / "VERSION"
-        return path.read_text().strip() if path.is_file() else "unknown (no VERSION file)"
+        return read_text(path).strip() if path.is_file() else "unknown (no VERSION file)"
 
     def module_file(self, parts: list[str]) -> Path | None:
         base = self.root.joinpath(*parts)
@@ -95,7 +134,7 @@ class TrlCheckout:
 
     def _tree(self, path: Path) -> ast.Module:
         if path not in self._trees:
-            self._trees[path] = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            self._trees[path] = parse(read_text(path), path)
         return self._trees[path]
 
     def provides(self, parts: list[str], name: str) -> bool:
@@ -288,7 +327,7 @@ class ModuleRewriter:
         return f"  {rest}" if rest else ""
 
     def rewrite(self, source: str) -> str:
-        tree = ast.parse(source)
+        tree = parse(source, self.where)
         lines = source.splitlines(keepends=True)
 
         # The leading block of imports: TRL's isort puts relative imports in a section of their own, after the third
@@ -461,7 +500,8 @@ def insert_paper_entry(text: str, entry: str) -> str:
 
 def check_autodoc(page: str, algorithm: Algorithm):
     """Every `[[autodoc]] experimental.<name>.<Object>` of a page must be exported by the subpackage."""
-    init = ast.parse((REPO / PACKAGE / algorithm.name / "__init__.py").read_text(encoding="utf-8"))
+    init_path = REPO / PACKAGE / algorithm.name / "__init__.py"
+    init = parse(read_text(init_path), init_path)
     exported = _bound_names(init)
     targets = re.findall(rf"\[\[autodoc\]\] experimental\.{algorithm.name}\.(\w+)", page)
     if not targets:
@@ -480,7 +520,7 @@ def check_autodoc(page: str, algorithm: Algorithm):
 def copyright_header(checkout: TrlCheckout) -> str:
     """TRL's license header, as its own files carry it (its `make precommit` checks that every file starts with it)."""
     header = []
-    for line in (checkout.root / "trl" / "__init__.py").read_text(encoding="utf-8").splitlines(keepends=True):
+    for line in read_text(checkout.root / "trl" / "__init__.py").splitlines(keepends=True):
         if not line.startswith("#"):
             break
         header.append(line)
@@ -496,14 +536,69 @@ def with_header(header: str, source: str) -> str:
     return header + "\n" + source
 
 
-def plan_export(checkout: TrlCheckout) -> tuple[dict[Path, str], list[str]]:
-    """Everything to write, as {path in the checkout: text}, computed before anything is written; and notes."""
+def register_telemetry(text: str, path: Path, trainers: list[str]) -> str | None:
+    """Add `trainers` to TRL's `_TELEMETRY_TRAINERS` allowlist (a trainer outside it is reported as "other"), one per
+    line among the experimental ones, in TRL's case-insensitive order. None when the checkout has no such set."""
+    for trainer in trainers:
+        tree = parse(text, path)
+        node = next(
+            (
+                n
+                for n in tree.body
+                if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == TELEMETRY_SET for t in n.targets)
+            ),
+            None,
+        )
+        if node is None:
+            return None
+        elements = node.value.elts if isinstance(node.value, ast.Set) else []
+        names = [e.value for e in elements if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        lines = text.splitlines(keepends=True)
+        if (
+            not elements
+            or len(names) != len(elements)
+            or len({e.lineno for e in elements} | {node.lineno}) != len(elements) + 1
+            or any(e.lineno != e.end_lineno for e in elements)
+        ):
+            raise ExportError(
+                f"{path}: `{TELEMETRY_SET}` is not a set literal with one trainer name per line, which the export "
+                f"edits; add {', '.join(repr(t) for t in trainers)} to it by hand and run again."
+            )
+        if trainer in names:
+            continue
+        # TRL lists the stable trainers, then, after a `# Experimental` comment, the experimental ones.
+        marker = next(
+            (i + 1 for i in range(node.lineno, node.end_lineno) if lines[i - 1].strip().lower() == "# experimental"),
+            0,
+        )
+        section = [e for e in elements if e.lineno > marker] or elements
+        following = next((e for e in section if e.value.lower() > trainer.lower()), None)
+        anchor = following or section[-1]
+        indent = lines[anchor.lineno - 1][: anchor.col_offset]
+        if following is not None:
+            position = following.lineno - 1
+        else:
+            position = anchor.lineno
+            last = lines[anchor.lineno - 1]
+            if not last[anchor.end_col_offset :].lstrip().startswith(","):
+                lines[anchor.lineno - 1] = last[: anchor.end_col_offset] + "," + last[anchor.end_col_offset :]
+        lines.insert(position, f'{indent}"{trainer}",\n')
+        text = "".join(lines)
+    return text
+
+
+def plan_export(checkout: TrlCheckout) -> tuple[dict[Path, dict[Path, str]], dict[Path, str], list[str]]:
+    """Everything to write, computed before anything is written: the folders that are replaced as a whole,
+    {folder: {path inside it: text}}, the files, {path: text} (paths in the checkout), and notes."""
     header = copyright_header(checkout)
-    files, notes = {}, []
-    toc = (checkout.root / "docs/source/_toctree.yml").read_text(encoding="utf-8")
-    index = (checkout.root / "docs/source/paper_index.md").read_text(encoding="utf-8")
+    folders, files, notes = {}, {}, []
+    toc = read_text(checkout.root / "docs/source/_toctree.yml")
+    index = read_text(checkout.root / "docs/source/paper_index.md")
+    trainers = []
     for algorithm in ALGORITHMS:
         source_dir = REPO / PACKAGE / algorithm.name
+        folder = folders.setdefault(Path("trl/experimental", algorithm.name), {})
         for path in sorted(source_dir.rglob("*")):
             relative = path.relative_to(source_dir)
             if "__pycache__" in relative.parts or path.is_dir():
@@ -512,34 +607,172 @@ def plan_export(checkout: TrlCheckout) -> tuple[dict[Path, str], list[str]]:
                 notes.append(f"not exported (not a .py file): {path.relative_to(REPO)}")
                 continue
             rewriter = ModuleRewriter(checkout, algorithm.name, relative)
-            code = rewriter.rewrite(path.read_text(encoding="utf-8"))
-            files[Path("trl/experimental", algorithm.name, relative)] = with_header(header, code)
+            code = rewriter.rewrite(read_text(path))
+            folder[relative] = with_header(header, code)
+        init_path = source_dir / "__init__.py"
+        trainers += sorted(n for n in _bound_names(parse(read_text(init_path), init_path)) if n.endswith("Trainer"))
 
-        page = (REPO / "docs" / f"{algorithm.page}.md").read_text(encoding="utf-8")
+        page = read_text(REPO / "docs" / f"{algorithm.page}.md")
         check_autodoc(page, algorithm)
         files[Path("docs/source", f"{algorithm.page}.md")] = page
         toc = insert_toc_entry(toc, algorithm.page, algorithm.title)
-        index = insert_paper_entry(index, (REPO / "docs/paper_index" / f"{algorithm.name}.md").read_text("utf-8"))
+        index = insert_paper_entry(index, read_text(REPO / "docs/paper_index" / f"{algorithm.name}.md"))
 
-        test = (REPO / "docs/upstream_tests" / f"test_{algorithm.name}_trainer.py").read_text(encoding="utf-8")
+        test = read_text(REPO / "docs/upstream_tests" / f"test_{algorithm.name}_trainer.py")
         files[Path("tests/experimental", f"test_{algorithm.name}_trainer.py")] = with_header(header, test)
     files[Path("docs/source/_toctree.yml")] = toc
     files[Path("docs/source/paper_index.md")] = index
-    return files, notes
+    telemetry_path = checkout.root / TELEMETRY_FILE
+    telemetry = register_telemetry(read_text(telemetry_path), telemetry_path, trainers)
+    if telemetry is None:
+        notes.append(f"{TELEMETRY_FILE} has no `{TELEMETRY_SET}` set: no telemetry allowlist to add the trainers to")
+    else:
+        files[TELEMETRY_FILE] = telemetry
+    return folders, files, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing: all or nothing.
+
+
+def check_target(root: Path, relative: Path, folder: bool):
+    """Refuse a target the export would write through (a symbolic link) or clobber (a folder where a file goes, or
+    the other way round), before anything is written."""
+    path = root
+    for part in relative.parts:
+        path = path / part
+        if path.is_symlink():
+            raise ExportError(
+                f"{path} is a symbolic link (to {os.readlink(path)}), and the export would write through it into "
+                "whatever it points to. Remove the link (the export then writes a real "
+                f"{'folder' if folder else 'file'} there) and run again."
+            )
+    if not path.parent.is_dir():
+        raise ExportError(f"{path.parent} is not a folder; the export writes {relative} into it.")
+    if folder and path.exists() and not path.is_dir():
+        raise ExportError(f"{path} is not a folder, and the export writes the folder {relative} there; move it away.")
+    if not folder and path.exists() and not path.is_file():
+        raise ExportError(
+            f"{path} is not a regular file (a folder?), and the export writes a file there; move it away."
+        )
+
+
+def _write_new(path: Path, text: str):
+    try:
+        with open(path, "x", encoding="utf-8", newline="") as handle:  # "x": never into something already there
+            handle.write(text)
+    except FileExistsError:
+        raise  # not ours to remove
+    except BaseException:
+        path.unlink(missing_ok=True)  # written in part by this call
+        raise
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_checkout(root: Path, folders: dict[Path, dict[Path, str]], files: dict[Path, str]) -> list[str]:
+    """Write everything or change nothing. Each target is first written beside itself under a hidden name; then every
+    target is moved aside and its new version moved in (renames within one folder). Any failure moves the old
+    versions back. Returns notes (backups that could not be removed after success)."""
+    token = secrets.token_hex(4)
+
+    def aside(path: Path, kind: str) -> Path:
+        return path.with_name(f".{path.name}.export-{kind}-{token}")
+
+    staged = []  # (new version, target); only what this call created, so that discarding it never loses anything
+    try:
+        for relative, contents in folders.items():
+            target = root / relative
+            new = aside(target, "new")
+            new.mkdir()
+            staged.append((new, target))
+            for inner, text in sorted(contents.items()):
+                (new / inner).parent.mkdir(parents=True, exist_ok=True)
+                _write_new(new / inner, text)
+        for relative, text in files.items():
+            target = root / relative
+            new = aside(target, "new")
+            _write_new(new, text)
+            staged.append((new, target))
+            if target.is_file():
+                shutil.copymode(target, new)
+    except OSError as error:
+        _discard(new for new, _ in staged)
+        raise ExportError(
+            f"cannot write {error.filename or 'into the checkout'}: {error.strerror}. Make the checkout writable "
+            "(and free space) and run again."
+        ) from None
+    except BaseException:
+        _discard(new for new, _ in staged)
+        raise
+
+    moved = []  # (target, its old version moved aside, or None where there was none)
+    try:
+        for new, target in staged:
+            old = aside(target, "old") if target.exists() else None
+            if old is not None:
+                os.rename(target, old)
+            moved.append((target, old))
+            os.rename(new, target)
+    except BaseException as error:
+        failures = _roll_back(moved)
+        _discard(new for new, _ in staged)
+        if failures:
+            raise RestoreError(
+                f"writing failed ({error!r}), and these could not be put back: " + "; ".join(failures)
+            ) from error
+        if isinstance(error, OSError):
+            raise ExportError(
+                f"cannot write {error.filename}: {error.strerror}. Make the checkout writable and run again."
+            ) from None
+        raise
+
+    notes = []
+    for _, old in moved:
+        if old is not None:
+            try:
+                _remove(old)
+            except OSError as error:
+                notes.append(f"could not remove the previous version, {old}: {error.strerror}; remove it by hand")
+    return notes
+
+
+def _discard(paths):
+    for path in paths:
+        # Best effort: a staged copy under a hidden name, never a file of the checkout.
+        with contextlib.suppress(OSError):
+            _remove(path)
+
+
+def _roll_back(moved: list[tuple[Path, Path | None]]) -> list[str]:
+    failures = []
+    for target, old in reversed(moved):
+        try:
+            if old is None or old.exists():
+                _remove(target)
+            if old is not None:
+                os.rename(old, target)
+        except OSError as error:
+            failures.append(f"{target} ({error.strerror}; its previous version is {old})")
+    return failures
 
 
 def export(checkout_root: Path) -> list[Path]:
     checkout = TrlCheckout(Path(checkout_root).resolve())
-    files, notes = plan_export(checkout)
-    for algorithm in ALGORITHMS:
-        shutil.rmtree(checkout.root / "trl/experimental" / algorithm.name, ignore_errors=True)
-    for relative, text in files.items():
-        path = checkout.root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+    folders, files, notes = plan_export(checkout)
+    for relative in folders:
+        check_target(checkout.root, relative, folder=True)
+    for relative in files:
+        check_target(checkout.root, relative, folder=False)
+    notes += write_checkout(checkout.root, folders, files)
     for note in notes:
         print(f"note: {note}")
-    return sorted(files)
+    return sorted([folder / inner for folder, contents in folders.items() for inner in contents] + list(files))
 
 
 def main(argv=None) -> int:
@@ -548,8 +781,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         written = export(args.checkout)
-    except ExportError as error:
-        print(f"export_to_trl: {error}\nNothing was written.", file=sys.stderr)
+    except RestoreError as error:
+        print(f"export_to_trl: {error}", file=sys.stderr)
+        return 1
+    except (ExportError, OSError) as error:  # an OSError here comes before anything is written
+        print(f"export_to_trl: {error}\nNothing in the checkout was changed.", file=sys.stderr)
         return 1
     print(f"Wrote {len(written)} files into {args.checkout.resolve()}:")
     for path in written:

@@ -7,6 +7,9 @@ Also here: the LICENSE file and the package metadata that ships it.
 """
 
 import ast
+import ctypes
+import difflib
+import errno
 import importlib.util
 import json
 import os
@@ -160,9 +163,13 @@ torch.set_num_threads(1)
 checkout, model_path, output_dir = sys.argv[1:4]
 
 import trl
+import trl.trainer.base_trainer
 from datasets import Dataset
 from trl.experimental.exgrpo import ExGRPOConfig, ExGRPOTrainer
 from trl.experimental.flowrl import FlowRLConfig, FlowRLTrainer
+
+topics = []  # what TRL's usage telemetry would report (never sent: offline)
+trl.trainer.base_trainer.send_telemetry = lambda topic, **kwargs: topics.append(topic)
 
 
 def parity_reward(completion_ids, **kwargs):
@@ -190,6 +197,7 @@ for name, trainer_class, args in runs:
         "unchanged": [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])],
         "logs": [{k: v for k, v in log.items() if isinstance(v, (int, float))} for log in trainer.state.log_history],
     }
+result["telemetry_topics"] = topics
 result["imported_trl_flowrl"] = sorted(m for m in sys.modules if m.split(".")[0] == "trl_flowrl")
 print("RESULT " + json.dumps(result))
 """
@@ -232,6 +240,22 @@ def checkout_env(checkout: Path, hub_cache: Path | None = None) -> dict:
 
 def snapshot(root: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+def tree_state(root: Path) -> dict:
+    """Every path under `root`, links not followed: folders and files with their modes, files with their bytes."""
+    state = {}
+    for folder, folders, files in os.walk(root):
+        for name in folders + files:
+            path = Path(folder, name)
+            mode = path.lstat().st_mode
+            if path.is_symlink():
+                state[path] = ("link", os.readlink(path))
+            elif path.is_dir():
+                state[path] = ("folder", mode)
+            else:
+                state[path] = ("file", mode, path.read_bytes())
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -374,13 +398,39 @@ def test_running_the_export_again_changes_nothing(exported):
     assert snapshot(exported) == before
 
 
+def test_trainers_join_trls_telemetry_allowlist_among_the_experimental_ones(exported):
+    installed = (Path(trl.__file__).parent / "trainer/base_trainer.py").read_text()
+    written = (exported / "trl/trainer/base_trainer.py").read_text()
+    changes = [
+        line for line in difflib.ndiff(installed.splitlines(), written.splitlines()) if line[:2] in ("+ ", "- ")
+    ]
+    assert changes == ['+     "ExGRPOTrainer",', '+     "FlowRLTrainer",']
+    lines = written.splitlines()
+    start = lines.index("    # Experimental")
+    experimental = [line.strip().strip('",') for line in lines[start + 1 : lines.index("}", start)]]
+    assert experimental == sorted(experimental, key=str.lower)  # TRL's order (OnlineDPOTrainer before ORPOTrainer)
+
+    export = load_script()
+    where = Path("base_trainer.py")
+    text = '_TELEMETRY_TRAINERS = {\n    "GRPOTrainer",  # Stable\n    # Experimental\n    "A2POTrainer",\n    "GKDTrainer"\n}\n'
+    assert export.register_telemetry(text, where, ["FlowRLTrainer", "ExGRPOTrainer", "ZTrainer", "A2POTrainer"]) == (
+        '_TELEMETRY_TRAINERS = {\n    "GRPOTrainer",  # Stable\n    # Experimental\n    "A2POTrainer",\n'
+        '    "ExGRPOTrainer",\n    "FlowRLTrainer",\n    "GKDTrainer",\n    "ZTrainer",\n}\n'
+    )
+    assert export.register_telemetry("import os\n", where, ["FlowRLTrainer"]) is None  # a TRL without telemetry
+    with pytest.raises(export.ExportError, match="add 'FlowRLTrainer' to it by hand"):
+        export.register_telemetry('_TELEMETRY_TRAINERS = {"GRPOTrainer", "SFTTrainer"}\n', where, ["FlowRLTrainer"])
+
+
 def test_exported_trainers_train_from_trl_experimental(exported, tiny_model_path, tmp_path):
+    env = checkout_env(exported)
+    env.pop("CI", None)  # TRL skips its telemetry on CI
     result = subprocess.run(
         [sys.executable, "-c", TRAIN_SCRIPT, str(exported), tiny_model_path, str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
-        env=checkout_env(exported),
+        env=env,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -394,6 +444,8 @@ def test_exported_trainers_train_from_trl_experimental(exported, tiny_model_path
     assert flowrl["steps"] == 1 and exgrpo["steps"] == 2
     assert flowrl["unchanged"] == [] and exgrpo["unchanged"] == []
     assert "flowrl/log_z/mean" in flowrl["logs"][0]
+    # On TRL's telemetry allowlist: reported by name, not as "other".
+    assert report["telemetry_topics"] == ["trl/FlowRLTrainer", "trl/ExGRPOTrainer"]
     replayed = [log["replay/replayed_questions_fraction"] for log in exgrpo["logs"] if "replay/phase" in log]
     assert replayed == [0.0, 0.5]  # 2 questions per batch: one replayed in the second step
 
@@ -460,7 +512,7 @@ def test_export_refuses_what_it_cannot_carry_into_trl(exported, tmp_path):
     empty.mkdir()
     result = run_export(empty)
     assert result.returncode == 1
-    assert "is not a TRL checkout" in result.stderr and "Nothing was written" in result.stderr
+    assert "is not a TRL checkout" in result.stderr and "Nothing in the checkout was changed" in result.stderr
     assert list(empty.iterdir()) == []
 
 
@@ -483,3 +535,160 @@ def test_license_is_apache_2_and_the_package_metadata_ships_it(tmp_path):
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
     assert "License-File: LICENSE" in metadata.splitlines()
     assert (dist_info / "licenses" / "LICENSE").read_text() == text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# All or nothing: after any failure the checkout is byte for byte what it was.
+
+
+@pytest.fixture
+def previous_export(exported, tmp_path):
+    """A checkout holding an older export, which a successful run would change (a module since removed, a page
+    since rewritten); beside it, a folder outside the checkout."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(exported, checkout, symlinks=True)
+    (checkout / "trl/experimental/exgrpo/from_an_older_export.py").write_text("OLD = 1\n")
+    (checkout / "docs/source/flowrl_trainer.md").write_text("# FlowRL (an older page)\n")
+    (tmp_path / "elsewhere").mkdir()
+    return checkout
+
+
+def _folder_where_a_page_goes(checkout: Path):
+    page = checkout / "docs/source/exgrpo_trainer.md"
+    page.unlink()
+    page.mkdir()
+    (page / "draft.md").write_text("someone's notes\n")
+
+
+def _latin1_toctree(checkout: Path):
+    toc = checkout / "docs/source/_toctree.yml"
+    toc.write_bytes(toc.read_text().replace("title: GKD", "title: GKD (café)").encode("latin-1"))
+
+
+def _newer_python_syntax(checkout: Path):
+    candidates = ["type Alias = int\n", "try:\n    pass\nexcept ValueError, TypeError:\n    pass\n"]  # 3.12, 3.14
+    newer = next((c for c in candidates if not _parses(c)), None)
+    if newer is None:
+        pytest.skip("this Python parses every syntax the test knows of")
+    with open(checkout / "trl/__init__.py", "a") as handle:
+        handle.write(newer)
+
+
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except SyntaxError:
+        return False
+    return True
+
+
+def _symlinked_trainer_folder(checkout: Path):
+    # e.g. a developer's link from the checkout to a copy of the trainers kept elsewhere
+    target = checkout.parent / "elsewhere/flowrl"
+    shutil.move(checkout / "trl/experimental/flowrl", target)
+    (checkout / "trl/experimental/flowrl").symlink_to(target)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_folder_where_a_page_goes, "exgrpo_trainer.md is not a regular file (a folder?)"),
+        (_latin1_toctree, "_toctree.yml is not UTF-8 text"),
+        (_newer_python_syntax, "trl/__init__.py, line"),
+        (_symlinked_trainer_folder, "trl/experimental/flowrl is a symbolic link"),
+    ],
+)
+def test_a_checkout_the_export_cannot_write_is_left_unchanged(previous_export, damage, message):
+    damage(previous_export)
+    before = tree_state(previous_export.parent)  # the checkout and the folder outside it
+    result = run_export(previous_export)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("export_to_trl: ") and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr and result.stderr.rstrip().endswith("Nothing in the checkout was changed.")
+    assert tree_state(previous_export.parent) == before
+
+
+def _drop_root_override():
+    # Root writes into read-only folders regardless of their mode; without CAP_DAC_OVERRIDE (dropped from the
+    # capability bounding set before exec) the child obeys the permission bits like any user.
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_a_read_only_docs_folder_leaves_the_checkout_unchanged(previous_export):
+    docs = previous_export / "docs"
+    paths = [docs, *docs.rglob("*")]
+    modes = {path: path.stat().st_mode for path in paths}
+    preexec = _drop_root_override if os.geteuid() == 0 else None
+    try:
+        for path in paths:
+            path.chmod(modes[path] & ~0o222)
+        probe = [sys.executable, "-c", "import sys; open(sys.argv[1], 'x')", str(docs / "source/probe")]
+        try:
+            writable = subprocess.run(probe, capture_output=True, timeout=60, preexec_fn=preexec).returncode == 0
+        except subprocess.SubprocessError:
+            writable = True
+        if writable:
+            pytest.skip("this user writes into read-only folders (cannot drop CAP_DAC_OVERRIDE)")
+        before = tree_state(previous_export.parent)
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), str(previous_export)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=preexec,
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.startswith("export_to_trl: cannot write ") and "Permission denied" in result.stderr
+        assert "Traceback" not in result.stderr and "Nothing in the checkout was changed." in result.stderr
+        # trl/experimental/exgrpo/ (with its older module) included: the staged new folders were thrown away
+        assert tree_state(previous_export.parent) == before
+    finally:
+        for path in reversed(paths):
+            path.chmod(modes[path])
+
+
+def test_a_failure_part_way_through_writing_puts_everything_back(previous_export, monkeypatch, capsys):
+    """Each rename the export makes fails in turn (an I/O error; once a Ctrl-C): every time, what was moved in is
+    moved out and what was moved aside is moved back. Then a run with no failure changes the checkout."""
+    export = load_script()
+    before = tree_state(previous_export.parent)
+    rename = os.rename
+    for failing in range(1, 100):
+        calls = []
+        interrupt = failing == 5
+
+        def rename_failing_once(source, destination, failing=failing, calls=calls, interrupt=interrupt):
+            calls.append(source)
+            if len(calls) == failing:
+                if interrupt:
+                    raise KeyboardInterrupt
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(source))
+            rename(source, destination)
+
+        monkeypatch.setattr(os, "rename", rename_failing_once)
+        if interrupt:
+            with pytest.raises(KeyboardInterrupt):
+                export.main([str(previous_export)])
+            code = 1
+        else:
+            code = export.main([str(previous_export)])
+        monkeypatch.setattr(os, "rename", rename)
+        if len(calls) < failing:
+            break  # every rename done: the export went through
+        assert code == 1
+        assert tree_state(previous_export.parent) == before, f"rename {failing} of {calls[-1]}"
+        if not interrupt:
+            err = capsys.readouterr().err
+            assert err.startswith("export_to_trl: cannot write ") and "Input/output error" in err
+            assert err.rstrip().endswith("Nothing in the checkout was changed.")
+    # 9 targets (2 folders, 7 files), each moved aside and its new version moved in
+    assert code == 0 and failing == 19
+    assert not (previous_export / "trl/experimental/exgrpo/from_an_older_export.py").exists()
+    assert (previous_export / "docs/source/flowrl_trainer.md").read_text() == (
+        REPO_ROOT / "docs/flowrl_trainer.md"
+    ).read_text()
+    hidden = [p for p in previous_export.rglob(".*export-*")]
+    assert hidden == []
