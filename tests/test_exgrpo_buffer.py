@@ -3,6 +3,7 @@
 import io
 import math
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -229,6 +230,44 @@ def test_loading_a_state_with_another_group_size_fails():
     state = ReplayBuffer(4).state_dict()
     with pytest.raises(ValueError, match="num_generations=4"):
         ReplayBuffer(8).load_state_dict(state)
+
+
+def _edit_lengths(state):
+    state["trajectory_length"][0] += 1
+
+
+def _edit_logps(state):
+    state["logps"][1] = float("nan")
+
+
+def _edit_question_index(state):
+    state["trajectory_question"][0] = 5
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_edit_lengths, "lengths add up to 4 tokens, but the buffer holds 3 token ids and 3 log-probs"),
+        (_edit_logps, "1 stored log-probs are NaN or infinite"),
+        (_edit_question_index, "refers to question index 5, but the buffer holds 2 questions"),
+        (lambda state: state.pop("logps"), "has no 'logps' entry"),
+        (lambda state: state["buckets"].__setitem__(0, 4), "a bucket outside 1..3"),
+    ],
+)
+def test_an_inconsistent_state_is_refused_and_changes_nothing(edit, message):
+    buffer = started(4)
+    for i, question_id in enumerate(["q0", "q1"]):
+        buffer.record_group(question_id, 1 + i)
+    add(buffer, "q0", [1, 2])
+    add(buffer, "q1", [3])
+    state = buffer.state_dict()
+    edit(state)
+    target = started(4)
+    target.record_group("kept", 2)
+    add(target, "kept", [9])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        target.load_state_dict(state)
+    assert target.eligible_questions() == ["kept"] and target.num_trajectories == 1
 
 
 def test_insertion_record_is_bounded():

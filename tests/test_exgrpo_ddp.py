@@ -111,6 +111,7 @@ def test_two_processes_hold_identical_buffers(tiny_model_path, tmp_path):
 
 RESUME_SCRIPT = textwrap.dedent(
     """
+    import os
     import sys
 
     import torch
@@ -144,20 +145,24 @@ RESUME_SCRIPT = textwrap.dedent(
     first.train()
     saved = first.replay_buffer.state_dict()
 
-    # Only the main process may read the replay state (the others behave as if it lived on another machine's disk).
+    # Only the main process may look at the replay state (the others behave as if it lived on another machine's disk:
+    # the file is neither there nor readable).
     rank = first.accelerator.process_index
-    original_load = torch.load
+    original_load, original_isfile = torch.load, os.path.isfile
 
     def load(path, *args, **kwargs):
         if rank != 0 and str(path).endswith(exgrpo_trainer.REPLAY_STATE_NAME):
             raise FileNotFoundError(path)
         return original_load(path, *args, **kwargs)
 
-    torch.load = load
+    def isfile(path):
+        return original_isfile(path) and not (rank != 0 and str(path).endswith(exgrpo_trainer.REPLAY_STATE_NAME))
+
+    torch.load, os.path.isfile = load, isfile
     resumed = ExGRPOTrainer(model_path, parity_reward, args=config(3), train_dataset=dataset)
     resumed.create_optimizer_and_scheduler(num_training_steps=3)
     resumed._load_optimizer_and_scheduler(f"{output_dir}/checkpoint-3")
-    torch.load = original_load
+    torch.load, os.path.isfile = original_load, original_isfile
     torch.save({"saved": saved, "resumed": resumed.replay_buffer.state_dict()}, f"{output_dir}/resume{rank}.pt")
     resumed.accelerator.end_training()
     """

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -591,6 +592,41 @@ def test_resume_refuses_missing_corrupt_or_foreign_replay_state(tiny_model_path,
     )
     with pytest.raises(ValueError, match="not in this train dataset"):
         resume(tiny_model_path, tmp_path / "d", exgrpo_checkpoint, dataset=other)
+
+
+def _lengthen_first_trajectory(state):
+    state["buffer"]["trajectory_length"][0] += 1
+
+
+def _store_a_nan_logp(state):
+    state["buffer"]["logps"][0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_lengthen_first_trajectory, "stored trajectory lengths add up to"),
+        (lambda state: state.pop("rng"), "it has no 'rng' entry"),
+        (_store_a_nan_logp, "1 stored log-probs are NaN or infinite"),
+        (lambda state: state["rng"].pop("internal"), "its 'rng' entry is not the state of a random.Random"),
+    ],
+)
+def test_resume_refuses_an_edited_replay_state_naming_the_file(
+    tiny_model_path, tmp_path, exgrpo_checkpoint, edit, message
+):
+    import shutil
+
+    checkpoint = shutil.copytree(exgrpo_checkpoint, tmp_path / "checkpoint-3")
+    path = os.path.join(checkpoint, REPLAY_STATE_NAME)
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    args = make_config(tmp_path / "out", delayed_start_threshold=0.0, question_id_column="qid")
+    trainer = ExGRPOTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    with pytest.raises(ValueError, match=re.escape(f"Cannot resume from {path}: ") + ".*" + re.escape(message)):
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
+    assert trainer.replay_buffer.num_trajectories == 0 and not trainer.replay_buffer.replay_started
 
 
 def test_resume_with_a_shorter_completion_limit_drops_longer_trajectories(

@@ -672,32 +672,20 @@ class ExGRPOTrainer(GRPOTrainer):
         if checkpoint is None:
             return
         path = os.path.join(checkpoint, REPLAY_STATE_NAME)
-        if not os.path.isfile(path):
-            if _written_with(checkpoint, type(self.args).__name__):
-                raise FileNotFoundError(
-                    f"{checkpoint} was written by ExGRPOTrainer but has no {REPLAY_STATE_NAME} (the replay buffer): "
-                    "the save was interrupted or the file was removed. Resume from an earlier, complete checkpoint."
-                )
-            logger.warning(
-                f"No {REPLAY_STATE_NAME} in {checkpoint}: resuming ExGRPO with an empty replay buffer. This is expected "
-                "only for a checkpoint that ExGRPOTrainer did not write (a GRPO checkpoint, say)."
-            )
-            return
-        # One process reads the file; the others receive it (they may not share its file system).
-        message = [None]
-        if self.accelerator.is_main_process:
-            try:
-                state = torch.load(path, weights_only=True)
-                if not isinstance(state, dict) or "buffer" not in state:
-                    raise ValueError("not an ExGRPO replay state")
-                message = [state]
-            except Exception as error:
-                message = [f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."]
+        # The main process alone looks at the file (the others may not share its file system) and every process acts
+        # on its verdict, so all of them take the same branch and join the same broadcast.
+        message = [self._read_replay_state(checkpoint, path) if self.accelerator.is_main_process else None]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(message, from_process=0)
-        if isinstance(message[0], str):
-            raise ValueError(message[0] + " Resume from an earlier checkpoint.")
-        state = message[0]
+        verdict, payload = message[0]
+        if verdict == "missing":
+            raise FileNotFoundError(payload)
+        if verdict == "unreadable":
+            raise ValueError(payload)
+        if verdict == "absent":
+            logger.warning(payload)
+            return
+        state = payload
         self._check_replay_state(path, state)
         self._load_replay_state_dict(state)
         dropped = self.replay_buffer.drop_longer_than(self.max_completion_length)
@@ -707,8 +695,40 @@ class ExGRPOTrainer(GRPOTrainer):
                 f"from the replay state in {path}: this run could not have generated them."
             )
 
+    def _read_replay_state(self, checkpoint: str, path: str) -> tuple[str, object]:
+        """On the main process: ("state", the state), or a verdict and its message ("missing", "unreadable", "absent":
+        a checkpoint ExGRPO did not write)."""
+        if not os.path.isfile(path):
+            if _written_with(checkpoint, type(self.args).__name__):
+                return "missing", (
+                    f"{checkpoint} was written by ExGRPOTrainer but has no {REPLAY_STATE_NAME} (the replay buffer): "
+                    "the save was interrupted or the file was removed. Resume from an earlier, complete checkpoint."
+                )
+            return "absent", (
+                f"No {REPLAY_STATE_NAME} in {checkpoint}: resuming ExGRPO with an empty replay buffer. This is expected "
+                "only for a checkpoint that ExGRPOTrainer did not write (a GRPO checkpoint, say)."
+            )
+        try:
+            state = torch.load(path, weights_only=True)
+            if not isinstance(state, dict) or "buffer" not in state:
+                raise ValueError("not an ExGRPO replay state")
+        except Exception as error:
+            return "unreadable", (
+                f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error}). Resume from an "
+                "earlier checkpoint."
+            )
+        return "state", state
+
     def _check_replay_state(self, path: str, state: dict) -> None:
-        """The replay state must come from a run on the same questions: same id column, same dataset."""
+        """The replay state must be whole and consistent, and come from a run on the same questions: same id column,
+        same dataset."""
+        try:
+            _check_replay_state_entries(state, self.model.get_input_embeddings().num_embeddings)
+        except ValueError as error:
+            raise ValueError(
+                f"Cannot resume from {path}: {error}. The file was edited or damaged after it was written; resume from "
+                "an earlier checkpoint, or remove the file to resume with an empty replay buffer."
+            ) from None
         saved_column = state.get("question_id_column", self.args.question_id_column)  # format 1 did not record it
         if saved_column != self.args.question_id_column:
             raise ValueError(
@@ -725,6 +745,37 @@ class ExGRPOTrainer(GRPOTrainer):
                 f"in this train dataset (e.g. {sorted(unknown)[0]!r}). It was written for another dataset, or with "
                 "other prompts; resume with the dataset it was trained on."
             )
+
+
+def _check_replay_state_entries(state: dict, vocab_size: int) -> None:
+    """Raise a ValueError saying what is wrong with a replay state read from disk (written by `_replay_state_dict`)."""
+    if state.get("format", 1) not in (1, 2):
+        raise ValueError(f"it has format {state.get('format')!r}, this version reads formats 1 and 2")
+    ReplayBuffer.check_state_dict(state["buffer"])
+    token_ids = state["buffer"]["token_ids"]
+    if token_ids.numel() and int(token_ids.max()) >= vocab_size:
+        raise ValueError(f"a stored token id ({int(token_ids.max())}) is outside the model's {vocab_size} embeddings")
+    if "rng" not in state:
+        raise ValueError("it has no 'rng' entry (the state of the generator that draws replayed questions)")
+    rng = state["rng"]
+    try:
+        random.Random().setstate((rng["version"], tuple(rng["internal"]), rng["gauss_next"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"its 'rng' entry is not the state of a random.Random ({type(error).__name__}: {error})"
+        ) from None
+    requeued = state.get("requeued", [])
+    if not isinstance(requeued, list) or not all(
+        isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+        for item in requeued
+    ):
+        raise ValueError("its 'requeued' entry is not a list of (question id, dataset row) pairs of strings")
+    counts = state.get("replay_counts", {})
+    if not isinstance(counts, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in counts.items()):
+        raise ValueError("its 'replay_counts' entry is not a dict of question id -> replays")
+    fresh = state.get("fresh_questions", [])
+    if not isinstance(fresh, list) or not all(isinstance(q, str) for q in fresh):
+        raise ValueError("its 'fresh_questions' entry is not a list of question ids")
 
 
 def _written_with(checkpoint: str, config_class: str) -> bool:

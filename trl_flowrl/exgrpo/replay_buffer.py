@@ -379,7 +379,85 @@ class ReplayBuffer:
             "logps": torch.cat(logps) if logps else torch.zeros(0, dtype=torch.float32),
         }
 
+    @staticmethod
+    def check_state_dict(state: dict) -> None:
+        """Raise a ValueError saying what is wrong if `state` is not a consistent `state_dict()` (a file edited or
+        damaged on disk would otherwise fail deep inside `load_state_dict`, or load NaN log-probs into the loss)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"the replay buffer state is a {type(state).__name__}, not a dict")
+        kinds = {
+            "num_generations": int,
+            "replay_started": (bool, int),
+            "question_ids": list,
+            "buckets": list,
+            "retired": list,
+            "next_serial": int,
+            "trajectory_question": torch.Tensor,
+            "trajectory_serial": torch.Tensor,
+            "trajectory_length": torch.Tensor,
+            "token_ids": torch.Tensor,
+            "logps": torch.Tensor,
+        }
+        for key, kind in kinds.items():
+            if key not in state:
+                raise ValueError(f"the replay buffer state has no {key!r} entry")
+            if not isinstance(state[key], kind):
+                raise ValueError(f"the replay buffer's {key!r} entry is a {type(state[key]).__name__}")
+        question_ids, buckets, rows = state["question_ids"], state["buckets"], state.get("rows")
+        if not all(isinstance(q, str) for q in question_ids) or len(set(question_ids)) != len(question_ids):
+            raise ValueError("the replay buffer's question ids are not distinct strings")
+        if not all(isinstance(q, str) for q in state["retired"]):
+            raise ValueError("the replay buffer's retired question ids are not all strings")
+        K = state["num_generations"]
+        if len(buckets) != len(question_ids) or not all(
+            isinstance(b, int) and (b == -1 or 1 <= b < K) for b in buckets
+        ):
+            raise ValueError(
+                f"the replay buffer holds {len(question_ids)} questions but {len(buckets)} buckets, or a bucket "
+                f"outside 1..{K - 1} (-1 for none)"
+            )
+        if rows and (len(rows) != len(question_ids) or not all(r is None or isinstance(r, str) for r in rows)):
+            raise ValueError(f"the replay buffer holds {len(question_ids)} questions but {len(rows)} dataset rows")
+        per_trajectory = [state[key] for key in ("trajectory_question", "trajectory_serial", "trajectory_length")]
+        if (
+            any(t.dim() != 1 or t.dtype.is_floating_point for t in per_trajectory)
+            or len({t.numel() for t in per_trajectory}) != 1
+        ):
+            raise ValueError(
+                "the replay buffer's trajectory_question, trajectory_serial and trajectory_length are not integer "
+                f"vectors of one length (lengths {[t.numel() for t in per_trajectory]})"
+            )
+        questions, serials, lengths = per_trajectory
+        token_ids, logps = state["token_ids"], state["logps"]
+        if token_ids.dim() != 1 or token_ids.dtype.is_floating_point or logps.dim() != 1:
+            raise ValueError("the replay buffer's token_ids and logps are not flat vectors of ids and log-probs")
+        if lengths.numel() and int(lengths.min()) < 1:
+            raise ValueError(f"a stored trajectory has {int(lengths.min())} tokens (at least 1 expected)")
+        total = int(lengths.sum())
+        if total != token_ids.numel() or total != logps.numel():
+            raise ValueError(
+                f"the {lengths.numel()} stored trajectory lengths add up to {total} tokens, but the buffer holds "
+                f"{token_ids.numel()} token ids and {logps.numel()} log-probs"
+            )
+        outside = questions[(questions < 0) | (questions >= len(question_ids))]
+        if outside.numel():
+            raise ValueError(
+                f"a stored trajectory refers to question index {int(outside[0])}, but the buffer holds "
+                f"{len(question_ids)} questions"
+            )
+        if serials.numel() and (
+            len(set(serials.tolist())) != serials.numel() or int(serials.max()) >= state["next_serial"]
+        ):
+            raise ValueError("the stored trajectories' serial numbers are repeated or not below next_serial")
+        if token_ids.numel() and int(token_ids.min()) < 0:
+            raise ValueError(f"a stored token id is negative ({int(token_ids.min())})")
+        if not torch.isfinite(logps).all():
+            bad = (~torch.isfinite(logps)).sum().item()
+            raise ValueError(f"{bad} stored log-probs are NaN or infinite (they would turn the loss into NaN)")
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`; raises a ValueError (and changes nothing) if it is inconsistent."""
+        self.check_state_dict(state)
         if state["num_generations"] != self.num_generations:
             raise ValueError(
                 f"The saved replay buffer was built with num_generations={state['num_generations']}, but this run uses "
