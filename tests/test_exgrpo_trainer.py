@@ -262,6 +262,26 @@ def test_question_ids_hash_the_prompt_by_default(tiny_model_path, tmp_path):
     assert prompt_question_id("a") != prompt_question_id("b")
 
 
+def test_missing_question_ids_fall_back_to_the_prompt_hash(tiny_model_path, tmp_path, caplog):
+    # Half the rows have no id, every prompt differs: str(None) would make those rows one question "None", replayed
+    # under another row's prompt and retired by any one of them being solved.
+    rows = [
+        {"prompt": [{"role": "user", "content": f"{a}+{a}="}], "qid": None if a % 2 else f"q{a}"} for a in range(8)
+    ]
+    rows[3]["qid"] = " "
+    dataset = Dataset.from_list(rows)
+    args = make_config(tmp_path, question_id_column="qid")
+    with caplog.at_level("WARNING"):
+        trainer = ExGRPOTrainer(tiny_model_path, parity_reward, args=args, train_dataset=dataset)
+    assert "question_id_column='qid' has no value" in caplog.text and "4 of 8 rows" in caplog.text
+    assert "(rows 1, 3, 5, 7)" in caplog.text
+    expected = [f"q{a}" if a % 2 == 0 else prompt_question_id(rows[a]["prompt"]) for a in range(8)]
+    assert trainer._dataset_question_ids == expected and len(set(expected)) == 8
+    assert [trainer._row_question_id(row) for row in dataset] == expected
+    # a float column (from pandas, say) marks a missing value with NaN
+    assert trainer._row_question_id({**rows[1], "qid": float("nan")}) == expected[1]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

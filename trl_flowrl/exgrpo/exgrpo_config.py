@@ -97,7 +97,8 @@ class ExGRPOConfig(GRPOConfig):
         question_id_column (`str` or `None`, *optional*, defaults to `None`):
             Dataset column that identifies a question across epochs. `None` identifies a question by a hash (SHA-1) of
             its prompt. Rows that share an id are one question; its replayed groups use the first such row (its
-            prompt and its other columns, e.g. the solution the reward reads).
+            prompt and its other columns, e.g. the solution the reward reads). A row whose id is missing (None, NaN
+            or an empty string) is identified by the hash of its prompt instead, with a warning naming the rows.
         success_threshold (`float`, *optional*, defaults to `1.0`):
             A completion counts as correct when its reward (the weighted sum over reward functions) is at least this.
             The paper's rewards are 0/1 correctness, hence 1.0. Completions whose every reward is `None` never count.

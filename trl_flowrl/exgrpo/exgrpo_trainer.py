@@ -153,15 +153,31 @@ class ExGRPOTrainer(GRPOTrainer):
         if self._is_vlm:
             raise ValueError("ExGRPOTrainer does not support vision-language models (a processor with images).")
 
+        self._warned_missing_id = False
         # For a map-style dataset, the unique question ids in dataset order: the pool from which retired questions are
         # replaced. An iterable dataset cannot be drawn from, so there a retired question that comes back is trained.
         self._dataset_question_ids: list[str] | None = None
         self._question_index: dict[str, int] = {}
         if isinstance(self.train_dataset, Dataset):
+            prompts = self.train_dataset["prompt"]
             if args.question_id_column is not None:
-                dataset_ids = [str(v) for v in self.train_dataset[args.question_id_column]]
+                values = self.train_dataset[args.question_id_column]
+                missing = [index for index, value in enumerate(values) if _is_missing_id(value)]
+                if missing:
+                    shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+                    logger.warning(
+                        f"question_id_column={args.question_id_column!r} has no value (None, NaN or empty) in "
+                        f"{len(missing)} of {len(values)} rows of the train dataset (rows {shown}). Each of them is "
+                        "identified by a hash of its prompt instead, so that questions without an id are never merged "
+                        "into one; fill the column to group them otherwise."
+                    )
+                    self._warned_missing_id = True
+                dataset_ids = [
+                    prompt_question_id(prompt) if _is_missing_id(value) else str(value)
+                    for value, prompt in zip(values, prompts)
+                ]
             else:
-                dataset_ids = [prompt_question_id(p) for p in self.train_dataset["prompt"]]
+                dataset_ids = [prompt_question_id(p) for p in prompts]
             for index, question_id in enumerate(dataset_ids):
                 self._question_index.setdefault(question_id, index)
             self._dataset_question_ids = list(self._question_index)
@@ -202,7 +218,18 @@ class ExGRPOTrainer(GRPOTrainer):
                 f"question_id_column={column!r} is missing from the training rows (keys: {sorted(row)}); it must be "
                 "a column of the train dataset, and remove_unused_columns must stay False."
             )
-        return str(row[column])
+        value = row[column]
+        if _is_missing_id(value):
+            # The fallback the constructor announced for a map-style dataset; a stream is only seen row by row.
+            if not self._warned_missing_id:
+                logger.warning(
+                    f"question_id_column={column!r} has no value (None, NaN or empty) in a training row (prompt "
+                    f"{str(row['prompt'])[:200]!r}); such rows are identified by a hash of their prompt instead, so "
+                    "that questions without an id are never merged into one."
+                )
+                self._warned_missing_id = True
+            return prompt_question_id(row["prompt"])
+        return str(value)
 
     def _replay_row(self, question_id: str) -> str:
         row = self.replay_buffer.encoded_row(question_id)
@@ -776,6 +803,15 @@ def _check_replay_state_entries(state: dict, vocab_size: int) -> None:
     fresh = state.get("fresh_questions", [])
     if not isinstance(fresh, list) or not all(isinstance(q, str) for q in fresh):
         raise ValueError("its 'fresh_questions' entry is not a list of question ids")
+
+
+def _is_missing_id(value) -> bool:
+    """Whether a question_id_column value is missing: str() would make every such row one question ("None", "nan")."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
 
 
 def _written_with(checkpoint: str, config_class: str) -> bool:
