@@ -4,13 +4,15 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from datasets import Dataset
 
-from trl_flowrl.evaluation import Benchmark, Grade, evaluate, markdown_report, merge_results
+from trl_flowrl.evaluation import Benchmark, Grade, evaluate, evaluator, markdown_report, merge_results
 from trl_flowrl.evaluation.cli import main
+from trl_flowrl.evaluation.generation import TransformersGenerator, render_prompts
 from trl_flowrl.evaluation.report import plot_pass_at_k
 
 
@@ -210,3 +212,166 @@ def test_embedded_task_end_to_end(tmp_path):
         assert problem["distinct_correct_paths"] == len(paths)
     assert bench["avg_at_k"] == pytest.approx(sum(r["correct"] for r in records) / 32)
     assert (tmp_path / "pass_at_k.png").exists()
+
+
+# -- wrong inputs are named, and graded work is never lost --------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loaded(monkeypatch):
+    """Input errors must come before any model is loaded (or any sample generated)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(evaluator, "load_generator", refuse)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-new-tokens", "0", "must be >= 1, got 0"),  # was taken as unset: 80 tokens
+        ("--num-samples", "100000000", "must be in [1, 65536], got 100000000"),  # allocated 1.5 GB first
+        ("--num-samples", "0", "must be in [1, 65536], got 0"),
+        ("--top-p", "0", "must be in (0.0, 1.0], got 0"),
+        ("--temperature", "-1", "must be in [0.0, inf], got -1"),
+        ("--batch-size", "0", "must be >= 1, got 0"),
+        ("--limit", "x", "expected an integer, got 'x'"),
+    ],
+)
+def test_command_names_a_wrong_sampling_option(option, value, message, no_model_loaded, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", "embedded", "--benchmarks", "arithmetic", option, value])
+    assert exit.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_evaluate_checks_the_sampling_options_first(no_model_loaded):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        evaluate("embedded", "arithmetic", max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"num_samples must be in \[1, 65536\], got 100000000"):
+        evaluate("embedded", "arithmetic", num_samples=100_000_000)
+
+
+def test_generation_memory_follows_the_samples_generated(tiny_model_path):
+    """k copies of each prompt are drawn as they are generated: nothing of size P * k before the first sample."""
+    generator = TransformersGenerator(tiny_model_path, batch_size=4)
+
+    class FirstBatch(Exception):
+        pass
+
+    def first_batch(**kwargs):
+        raise FirstBatch(tuple(kwargs["input_ids"].shape))
+
+    generator.model.generate = first_batch
+    tracemalloc.start()
+    try:
+        with pytest.raises(FirstBatch) as reached:
+            generator.generate(["1+1=", "22+22="], num_samples=65536, temperature=1.0, top_p=1.0, max_new_tokens=4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reached.value.args[0][0] == 4  # one batch of the shorter prompt's copies
+    assert peak < 1_000_000, peak  # bytes; a list of P * k = 131072 entries alone is over 1 MB
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        (["1+1=", ""], "row 1 (counting from 0, id 'p1'): the prompt is a blank string ('')"),  # was an IndexError
+        ([3, 7], "row 0 (counting from 0, id 'p0'): the prompt is int 3, not a string or a list of"),  # TypeError
+        (  # was a jinja UndefinedError
+            [[{"role": "user", "content": "1+1="}], [{"role": "system"}, {"role": "user", "content": "2+2="}]],
+            "row 1 (counting from 0, id 'p1'): message 0 of the prompt has no `content` (it has ['role'])",
+        ),
+        ([[{"role": "user", "content": "1+1="}], []], "row 1 (counting from 0, id 'p1'): the prompt is an empty list"),
+    ],
+)
+def test_command_names_the_row_of_a_prompt_it_cannot_generate_from(prompts, message, tmp_path, no_model_loaded):
+    path = _jsonl(
+        tmp_path / "bad.jsonl", [{"id": f"p{i}", "prompt": p, "solution": "2"} for i, p in enumerate(prompts)]
+    )
+    with pytest.raises(ValueError) as error:
+        main(["--model", "embedded", "--benchmarks", path, "--output-dir", str(tmp_path / "out"), "--no-plots"])
+    assert str(error.value).startswith(f"Benchmark 'bad' (local dataset {path}), ")
+    assert message in str(error.value) and str(error.value).endswith("Fix or remove that row.")
+
+
+def test_generators_name_the_prompt_they_cannot_generate_from(tiny_model_path, no_model_loaded):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    user = {"role": "user", "content": "1+1="}
+    for prompts, message in [
+        (["ok", "  "], "Prompt 1 cannot be generated from: the prompt is a blank string ('  ')."),
+        ([[user, "hello"]], "Prompt 0 cannot be generated from: message 1 of the prompt is str 'hello', not a dict."),
+        ([[{"role": "user", "content": 5}]], "message 0 of the prompt has a `content` of type int."),
+        ([None], "Prompt 0 cannot be generated from: the prompt is NoneType None"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            render_prompts(tokenizer, prompts)
+        assert message in str(error.value)
+    rows = [{"prompt": "ok"}, {"prompt": [user, {"role": None, "content": "x"}]}]
+    with pytest.raises(
+        ValueError, match=r"'in-memory', row 1 \(counting from 0\): message 1 of the prompt has no `role`"
+    ):
+        evaluate("embedded", [Benchmark("in-memory", rows, lambda text, row: True)])
+
+
+def test_graded_results_survive_files_that_cannot_be_written(tiny_model_path, local_dataset, tmp_path, capsys):
+    args = ["--model", tiny_model_path, "--benchmarks", local_dataset, "--grader", "boxed", "--num-samples", "2"]
+    args += ["--max-new-tokens", "4", "--limit", "2", "--backend", "transformers", "--no-plots", "--no-progress"]
+
+    # The samples folder cannot be made (a file holds its name): the samples go into results.json instead.
+    out = tmp_path / "samples-blocked"
+    out.mkdir()
+    (out / "samples").write_text("a file where the samples folder goes\n")
+    assert main([*args, "--output-dir", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "| model | sums |" in captured.out  # the report is printed
+    assert "Could not write, in" in captured.err and "samples/" in captured.err
+    assert "The report above is the graded result." in captured.err
+    bench = next(iter(json.loads((out / "results.json").read_text())["models"].values()))["benchmarks"]["sums"]
+    assert "samples_file" not in bench and "samples/" in bench["samples_error"]
+    correct = [[r["correct"] for r in problem] for problem in bench["samples"]]
+    assert [len(c) for c in correct] == [2, 2]
+    assert bench["avg_at_k"] == pytest.approx(sum(map(sum, correct)) / 4)
+    assert "## avg@k" in (out / "results.md").read_text()
+
+    # results.json cannot be written (a folder holds its name): the samples are, and the report is printed.
+    out = tmp_path / "results-blocked"
+    (out / "results.json").mkdir(parents=True)
+    assert main([*args, "--output-dir", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "| model | sums |" in captured.out and "results.json" in captured.err
+    records = (out / "samples" / os.path.basename(tiny_model_path) / "sums.jsonl").read_text().splitlines()
+    assert len(records) == 4
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "samples"]  # no results.json.tmp left
+
+
+def test_merge_names_a_file_that_is_not_an_evaluation_result(tmp_path, capsys):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(fake_results("grpo", 0.5, 1.0)))
+    bad = {
+        "list.json": b"[1, 2]",  # was an AttributeError
+        "broken.json": b'{"models": ',
+        "latin1.json": '{"caf\u00e9": 1}'.encode("latin-1"),
+        "models-list.json": b'{"models": [1]}',
+        "no-benchmarks.json": b'{"models": {"m": {"model": "x"}}}',
+    }
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    for name in [*bad, "missing.json"]:
+        with pytest.raises(SystemExit) as exit:
+            main(["--merge", str(good), str(tmp_path / name), "--output-dir", str(tmp_path / "out")])
+        assert exit.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--merge: cannot read {tmp_path / name}" in err or f"--merge: {tmp_path / name} is not the" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="Run 1 is not an evaluation result .*: it is a list"):
+        merge_results([fake_results("a", 0.5, 1.0), [1, 2]])

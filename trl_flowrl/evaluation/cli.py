@@ -16,6 +16,11 @@ python -m trl_flowrl.evaluation --model Qwen/Qwen2.5-7B --benchmarks data/my_set
 # One report from runs made separately (e.g. one GPU job per model)
 python -m trl_flowrl.evaluation --merge outputs/eval-grpo outputs/eval-flowrl --output-dir outputs/eval
 ```
+
+Options out of range (`--max-new-tokens 0`, `--num-samples` above 65536) and `--merge` files that are not results
+exit with status 2 and a message naming them; a dataset row whose prompt cannot be generated from fails, naming the
+row, before any model is loaded. When a file cannot be written after generation, the graded results are kept (a
+benchmark's samples go into results.json instead of their own file), the report is printed, and the status is 1.
 """
 
 from __future__ import annotations
@@ -27,8 +32,37 @@ import os
 import sys
 
 from .benchmarks import GRADER_NAMES, available_benchmarks
-from .generation import BACKENDS
+from .generation import BACKENDS, MAX_NUM_SAMPLES
 from .judge import JudgeConfig
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; argparse names the option in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,25 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"grader of local datasets: {', '.join(GRADER_NAMES)}, or module:function (a TRL reward function); "
         "default: math for local datasets, each built-in benchmark's own otherwise",
     )
-    parser.add_argument("--num-samples", type=int, default=16, help="samples per problem (k)")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument(
+        "--num-samples",
+        type=_int_in(1, MAX_NUM_SAMPLES),
+        default=16,
+        help=f"samples per problem (k), 1 to {MAX_NUM_SAMPLES}",
+    )
+    parser.add_argument("--temperature", type=_float_in(0.0, float("inf")), default=0.6, help="0: greedy")
+    parser.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=0.95)
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=_int_in(1),
         default=None,
-        help="default: 8192 (math, code, local), 80 (arithmetic), 128 (programs)",
+        help="tokens generated per sample, >= 1; default: 8192 (math, code, local), 80 (arithmetic), 128 (programs)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: vLLM when installed")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (transformers)")
+    parser.add_argument("--batch-size", type=_int_in(1), default=64, help="sequences per generate call (transformers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--num-threads",
-        type=int,
+        type=_int_in(1),
         default=None,
         help="torch CPU threads; default for the built-in tasks on a CPU: OMP_NUM_THREADS, else 1 (trl_flowrl.cpu)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
+    parser.add_argument("--limit", type=_int_in(1), default=None, help="only the first N problems of each benchmark")
     parser.add_argument("--output-dir", default="outputs/evaluation")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots (no matplotlib needed)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -105,9 +144,23 @@ def _cuda_available() -> bool:
 
 
 def _read_results(path: str) -> dict:
+    """A results.json (or the directory holding one); ValueError naming the file when it is not one."""
     file = os.path.join(path, "results.json") if os.path.isdir(path) else path
-    with open(file) as f:
-        return json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {file}: {error}") from None
+    models = results.get("models") if isinstance(results, dict) else None
+    if not isinstance(models, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("benchmarks"), dict) for entry in models.values()
+    ):
+        shape = f"a JSON {type(results).__name__}" if not isinstance(results, dict) else f"keys {sorted(results)}"
+        raise ValueError(
+            f"{file} is not the results.json of an evaluation (an object whose `models` map labels to entries with "
+            f"`benchmarks`); it has {shape}."
+        )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,10 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     from .report import markdown_report, merge_results, write_report
 
     if args.merge:
-        runs = [_read_results(path) for path in args.merge]
+        try:
+            runs = [_read_results(path) for path in args.merge]
+        except ValueError as error:
+            parser.error(f"--merge: {error}")
         results = merge_results(runs, sources=[os.path.abspath(p) for p in args.merge])
-        paths = write_report(results, args.output_dir, plots=not args.no_plots)
-        print(markdown_report(results))
+        print(markdown_report(results))  # first: a report that cannot be written is still shown
+        try:
+            paths = write_report(results, args.output_dir, plots=not args.no_plots)
+        except (OSError, ImportError) as error:
+            print(f"\nCould not write the merged report into {args.output_dir}: {error}", file=sys.stderr)
+            return 1
         print(f"\nWrote {', '.join(paths.values())}")
         return 0
 
@@ -173,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         vllm_kwargs=args.vllm_kwargs,
     )
     print(markdown_report(results))
+    if results.get("write_errors"):
+        print("\nCould not write, in " + args.output_dir + ":", file=sys.stderr)
+        for error in results["write_errors"]:
+            print(f"  {error}", file=sys.stderr)
+        print("The report above is the graded result.", file=sys.stderr)
+        return 1
     print(f"\nWrote {os.path.join(args.output_dir, 'results.json')}")
     return 0
 

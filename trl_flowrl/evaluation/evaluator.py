@@ -32,7 +32,7 @@ from typing import Any
 
 from . import metrics
 from .benchmarks import DEFAULT_MAX_NEW_TOKENS, Benchmark, load_benchmark, problem_id, prompt_text
-from .generation import Sample, check_model_path, load_generator
+from .generation import Sample, check_model_path, check_sampling, load_generator, prompt_problem
 from .judge import JudgeClient, JudgeConfig
 
 
@@ -233,10 +233,38 @@ def _environment() -> dict[str, str | None]:
 
 
 def _write_json(path: str, data: dict) -> None:
+    _write_atomically(path, lambda f: json.dump(data, f, indent=2))
+
+
+def _write_samples(path: str, records: list[list[dict]]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_atomically(path, lambda f: f.writelines(json.dumps(r) + "\n" for problem in records for r in problem))
+
+
+def _write_atomically(path: str, write) -> None:
+    # A failure leaves the previous file (or none), never a truncated one.
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_prompts(benchmark: Benchmark) -> None:
+    """Refuse, before any model is loaded, a benchmark with a prompt that cannot be generated from, naming the row."""
+    for i, row in enumerate(benchmark.rows):
+        problem = prompt_problem(row.get("prompt"))
+        if problem is not None:
+            source = f" ({benchmark.description})" if benchmark.description else ""
+            row_id = "" if problem_id(row) is None else f", id {problem_id(row)!r}"
+            raise ValueError(
+                f"Benchmark {benchmark.name!r}{source}, row {i} (counting from 0{row_id}): {problem}. Fix or remove "
+                "that row."
+            )
 
 
 def evaluate(
@@ -288,8 +316,12 @@ def evaluate(
         model_kwargs: passed to `AutoModelForCausalLM.from_pretrained`.
         vllm_kwargs: passed to `vllm.LLM`.
 
-    Returns the results dict (also written to `output_dir/results.json`).
+    Returns the results dict (also written to `output_dir/results.json`). A file that cannot be written does not
+    lose what was graded: a benchmark's samples then stay in `results.json` (under `samples`, with `samples_error`),
+    and the returned dict lists every failed write under `write_errors` (absent when there was none).
     """
+    # Wrong options, paths and prompts fail here, before any model is loaded.
+    check_sampling(num_samples, temperature, top_p, 1 if max_new_tokens is None else max_new_tokens)
     models = named_models(model)  # a wrong path fails before any benchmark is loaded
     if isinstance(benchmarks, (str, Benchmark)):
         benchmarks = (
@@ -302,6 +334,8 @@ def evaluate(
     names = [b.name for b in loaded]
     if len(set(names)) != len(names):
         raise ValueError(f"Benchmark names must be unique, got {names}.")
+    for benchmark in loaded:
+        check_prompts(benchmark)
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
 
@@ -311,6 +345,12 @@ def evaluate(
         "environment": _environment(),
         "models": {},
     }
+    write_errors = []
+
+    def write_failed(what: str, error: Exception, consequence: str):
+        write_errors.append(f"{what}: {error}")
+        logger.error("Could not write %s (%s); %s", what, error, consequence)
+
     for label, checkpoint in models.items():
         generator = load_generator(
             checkpoint,
@@ -337,7 +377,8 @@ def evaluate(
         results["models"][label] = entry
         try:
             for benchmark in loaded:
-                length = max_new_tokens or benchmark.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+                length = max_new_tokens if max_new_tokens is not None else benchmark.max_new_tokens
+                length = length or DEFAULT_MAX_NEW_TOKENS
                 start = time.perf_counter()
                 samples = generator.generate(
                     benchmark.prompts,
@@ -355,12 +396,14 @@ def evaluate(
                 scored["generation"]["seconds"] = round(seconds, 3)
                 if output_dir is not None:
                     relative = os.path.join("samples", _file_name(label), f"{benchmark.name}.jsonl")
-                    os.makedirs(os.path.dirname(os.path.join(output_dir, relative)), exist_ok=True)
-                    with open(os.path.join(output_dir, relative), "w") as f:
-                        for problem in scored.pop("samples"):
-                            for record in problem:
-                                f.write(json.dumps(record) + "\n")
-                    scored["samples_file"] = relative
+                    try:
+                        _write_samples(os.path.join(output_dir, relative), scored["samples"])
+                    except OSError as error:
+                        write_failed(relative, error, "the samples stay in results.json, under `samples`")
+                        scored["samples_error"] = f"{relative}: {error}"
+                    else:
+                        del scored["samples"]
+                        scored["samples_file"] = relative
                 entry["benchmarks"][benchmark.name] = scored
                 logger.info(
                     "%s / %s: avg@%d %.2f%%, pass@%d %.2f%%",
@@ -372,12 +415,20 @@ def evaluate(
                     100 * scored["pass_at_k"][str(num_samples)],
                 )
                 if output_dir is not None:  # keep finished work if a later benchmark fails
-                    _write_json(os.path.join(output_dir, "results.json"), results)
+                    try:
+                        _write_json(os.path.join(output_dir, "results.json"), results)
+                    except OSError as error:
+                        write_failed("results.json", error, "trying again after the next benchmark")
         finally:
             generator.close()
 
     if output_dir is not None:
         from .report import write_report
 
-        write_report(results, output_dir, plots=plots)
+        try:
+            write_report(results, output_dir, plots=plots)
+        except (OSError, ImportError) as error:  # ImportError: the plots' matplotlib
+            write_failed(f"the report in {output_dir}", error, "the results are returned")
+    if write_errors:
+        results["write_errors"] = write_errors
     return results

@@ -27,9 +27,10 @@ from __future__ import annotations
 import gc
 import glob
 import importlib.util
+import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "vllm", "transformers")
+# Every sample of a problem is kept, graded and compared with the others (diversity) in memory, so k is bounded; the
+# bound is far above the k of pass@k curves in practice (16 to 1024).
+MAX_NUM_SAMPLES = 2**16
 
 
 @dataclass(frozen=True)
@@ -93,26 +97,58 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def prompt_problem(prompt) -> str | None:
+    """What makes `prompt` unusable (None when it is fine): a prompt is a non-blank string, or a non-empty list of
+    messages, each a dict with a string `role` and a `content` (a string, or a list of content blocks)."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else f"the prompt is a blank string ({prompt!r})"
+    if not isinstance(prompt, (list, tuple)):
+        return (
+            f"the prompt is {type(prompt).__name__} {prompt!r:.60}, not a string or a list of "
+            "{'role': ..., 'content': ...} messages"
+        )
+    if not prompt:
+        return "the prompt is an empty list of messages"
+    for j, message in enumerate(prompt):
+        if not isinstance(message, Mapping):
+            return f"message {j} of the prompt is {type(message).__name__} {message!r:.60}, not a dict"
+        for key, kinds in (("role", (str,)), ("content", (str, list, tuple))):
+            if message.get(key) is None:  # a JSONL row whose message lacks a key reads back as None
+                present = sorted(k for k, v in message.items() if v is not None)
+                return f"message {j} of the prompt has no `{key}` (it has {present})"
+            if not isinstance(message[key], kinds):
+                return f"message {j} of the prompt has a `{key}` of type {type(message[key]).__name__}"
+    return None
+
+
 def render_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
     """Token ids of each prompt: chat template (with generation prompt) for conversations, plain text otherwise."""
     ids = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
+        problem = prompt_problem(prompt)
+        if problem is not None:
+            raise ValueError(f"Prompt {i} cannot be generated from: {problem}.")
         if isinstance(prompt, str):
             ids.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-            continue
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "The prompts are conversational but the tokenizer has no chat template: use a model with one, "
-                "set `tokenizer.chat_template`, or give string prompts."
-            )
-        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError(
+                    "The prompts are conversational but the tokenizer has no chat template: use a model with one, "
+                    "set `tokenizer.chat_template`, or give string prompts."
+                )
+            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids[-1]:  # generate() cannot start from nothing
+            raise ValueError(f"Prompt {i} ({prompt!r:.60}) has no tokens once rendered: give it some text.")
     return ids
 
 
 def check_sampling(num_samples: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise ValueError(
+            f"num_samples must be in [1, {MAX_NUM_SAMPLES}], got {num_samples}: every sample of a problem is kept and "
+            "graded in memory."
+        )
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}.")
     if not 0 < top_p <= 1:
@@ -172,9 +208,11 @@ class TransformersGenerator:
 
         check_sampling(num_samples, temperature, top_p, max_new_tokens)
         prompt_ids = render_prompts(self.tokenizer, prompts)
-        # Sequence s is sample (s % k) of prompt (s // k); generate them grouped by prompt length to pad little.
-        order = sorted(range(len(prompt_ids) * num_samples), key=lambda s: len(prompt_ids[s // num_samples]))
-        results: list[Sample | None] = [None] * len(order)
+        # The k copies of each prompt, prompts grouped by length to pad little. Drawn lazily, so that memory follows
+        # the samples generated, not P * k up front.
+        by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        order = (i for i in by_length for _ in range(num_samples))
+        results: list[list[Sample]] = [[] for _ in prompt_ids]
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
         # Explicit neutral values: a checkpoint's generation_config (e.g. top_k=20, repetition_penalty=1.05) would
@@ -186,13 +224,12 @@ class TransformersGenerator:
         sampling["repetition_penalty"] = 1.0
         was_training = self.model.training
         self.model.eval()
-        bar = tqdm(total=len(order), desc=desc or "generating", unit="sample", disable=not progress)
+        bar = tqdm(total=len(prompt_ids) * num_samples, desc=desc or "generating", unit="sample", disable=not progress)
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                for start in range(0, len(order), self.batch_size):
-                    batch = order[start : start + self.batch_size]
-                    rows = [prompt_ids[s // num_samples] for s in batch]
+                while batch := list(itertools.islice(order, self.batch_size)):
+                    rows = [prompt_ids[i] for i in batch]
                     width = max(map(len, rows))
                     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
                     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
@@ -204,13 +241,13 @@ class TransformersGenerator:
                         eos_token_id=self.eos_ids,
                         **sampling,
                     )
-                    for s, tokens in zip(batch, output[:, width:].tolist()):
-                        results[s] = self._sample(tokens)
+                    for i, tokens in zip(batch, output[:, width:].tolist()):
+                        results[i].append(self._sample(tokens))
                     bar.update(len(batch))
         finally:
             bar.close()
             self.model.train(was_training)
-        return [results[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
+        return results
 
     def _sample(self, tokens: list[int]) -> Sample:
         stop = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)

@@ -223,11 +223,13 @@ def merge_results(runs: list[dict[str, Any]], sources: list[str] | None = None) 
     """
     if not runs:
         raise ValueError("Nothing to merge.")
+    for index, run in enumerate(runs):
+        if not isinstance(run, dict) or not isinstance(run.get("models"), dict):
+            what = "an object without `models`" if isinstance(run, dict) else f"a {type(run).__name__}"
+            raise ValueError(f"Run {index} is not an evaluation result (an object with `models`): it is {what}.")
     merged = {key: value for key, value in runs[0].items() if key != "models"}
     merged["models"] = {}
     for index, run in enumerate(runs):
-        if "models" not in run:
-            raise ValueError(f"Run {index} is not an evaluation result (no `models`).")
         for label, entry in run["models"].items():
             unique, n = label, 2
             while unique in merged["models"]:
