@@ -528,6 +528,26 @@ def test_replay_metrics_and_completion_column(tiny_model_path, tmp_path):
     assert list(replayed_column)[-len(last_mask) :] == last_mask
 
 
+def test_no_replay_buffers_nothing(tiny_model_path, tmp_path):
+    args = make_config(
+        tmp_path, replay_ratio=0.0, delayed_start_threshold=0.0, max_steps=4, save_strategy="steps", save_steps=4
+    )
+    trainer = RecordingTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())
+    trainer.train()
+    buffer = trainer.replay_buffer
+    assert buffer.replay_started  # the phase still switches (it lifts fresh clipping)
+    assert buffer.num_trajectories == 0 and buffer.num_questions == 0 and not trainer._pending_trajectories
+    assert not any(record["output"]["collect_mask"].any() for record in trainer.records)
+    saved = torch.load(tmp_path / "checkpoint-4" / REPLAY_STATE_NAME, weights_only=True)["buffer"]
+    assert saved["question_ids"] == [] and saved["rows"] == [] and saved["token_ids"].numel() == 0
+    assert saved["replay_started"] and saved["retired"] == sorted(buffer._retired) != []  # retirement still acts
+    logged = set().union(*trainer.state.log_history)
+    assert {"replay/phase", "replay/accuracy", "replay/retired_questions", "replay/distinct_fresh_questions"} <= logged
+    assert not {
+        k for k in logged if k.startswith(("replay/buffer", "replay/bucket", "replay/replayed", "replay/loss"))
+    }
+
+
 def test_entropy_bonus_logs_policy_loss_and_coefficient(tiny_model_path, tmp_path):
     args = make_config(tmp_path, max_steps=2, entropy_coef=0.01)
     trainer = ExGRPOTrainer(tiny_model_path, parity_reward, args=args, train_dataset=questions())

@@ -44,7 +44,9 @@ class ExGRPOConfig(GRPOConfig):
         replay_ratio (`float`, *optional*, defaults to `0.5`):
             Fraction ρ of a generation batch's questions taken from the buffer once replay has started:
             `floor(ρ · questions)`, or fewer when the buffer holds fewer questions. Paper: 0.5 (ablation: 0.25 → 46.4,
-            0.5 → 48.3, 0.75 → 44.8 in-distribution average on Qwen2.5-Math-7B).
+            0.5 → 48.3, 0.75 → 44.8 in-distribution average on Qwen2.5-Math-7B). `0.0`: no replay, and no buffer:
+            no trajectory, bucket or dataset row is kept or checkpointed (the phase switch, which lifts fresh clipping
+            with `unclip_fresh_after_switch`, and retirement still act and are still checkpointed).
         delayed_start_threshold (`float`, *optional*, defaults to `0.35`):
             Warm-up: plain GRPO until the mean accuracy of a generation batch's completions first exceeds this value.
             The switch is one-way; collection starts with the batch that triggered it and replay with the next

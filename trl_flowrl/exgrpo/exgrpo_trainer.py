@@ -456,8 +456,12 @@ class ExGRPOTrainer(GRPOTrainer):
         buffer = self.replay_buffer
         buffer.maybe_start_replay(accuracy, self.args.delayed_start_threshold)
         counts = success.view(-1, K).sum(dim=1).tolist()
+        replays = self.args.replay_ratio > 0
         for question_id, row, count in zip(plan.group_question_ids, plan.group_rows, counts):
-            buffer.record_group(question_id, count, row=row if buffer.needs_row(question_id) else None)
+            # Without replay nothing is buffered (no bucket, row or trajectory would ever be read); retirement and
+            # the phase still act (on the fresh sampler and on clipping), so they are still kept.
+            if replays or count == K:
+                buffer.record_group(question_id, count, row=row if buffer.needs_row(question_id) else None)
         for slot, question_id in enumerate(plan.group_question_ids):
             if slot in plan.replayed_slots:
                 self._replay_counts[question_id] += 1
@@ -466,7 +470,7 @@ class ExGRPOTrainer(GRPOTrainer):
 
         # Rows to store: the fresh correct rows of partially solved groups, once replay has started.
         collect = torch.zeros(num_rows, dtype=torch.bool, device=device)
-        if buffer.replay_started:
+        if buffer.replay_started and replays:
             local_success = success[rank * num_rows : (rank + 1) * num_rows]
             for g in range(num_local):
                 if 0 < counts[rank * num_local + g] < K:
@@ -496,11 +500,13 @@ class ExGRPOTrainer(GRPOTrainer):
         buffer, metrics, K = self.replay_buffer, self._metrics["train"], self.num_generations
         metrics["replay/phase"].append(float(buffer.replay_started))
         metrics["replay/accuracy"].append(accuracy)
+        metrics["replay/replaced_retired_questions"].append(plan.num_replaced)
+        metrics["replay/distinct_fresh_questions"].append(len(self._fresh_questions))
+        if self.args.replay_ratio == 0:  # the rest describes a buffer and replays that do not exist
+            return
         metrics["replay/replayed_questions_fraction"].append(plan.num_replayed / len(plan.group_question_ids))
         metrics["replay/replayed_rows_fraction"].append(plan.num_replayed / num_rows)
-        metrics["replay/replaced_retired_questions"].append(plan.num_replaced)
         metrics["replay/requeued_questions"].append(len(self._requeued))
-        metrics["replay/distinct_fresh_questions"].append(len(self._fresh_questions))
         metrics["replay/distinct_replayed_questions"].append(len(self._replay_counts))
         metrics["replay/max_replays_per_question"].append(max(self._replay_counts.values(), default=0))
         for k, size in buffer.bucket_sizes().items():
@@ -541,15 +547,17 @@ class ExGRPOTrainer(GRPOTrainer):
         inputs["collect_mask"] = torch.zeros_like(collect)
 
     def _merge_pending_trajectories(self) -> None:
+        metrics = self._metrics["train"]
+        metrics["replay/retired_questions"].append(self.replay_buffer.num_retired)
+        if self.args.replay_ratio == 0:  # nothing is collected (the same on every process: no gather needed)
+            return
         pending, self._pending_trajectories = self._pending_trajectories, []
         if self.accelerator.num_processes > 1:
             pending = gather_object(pending)  # every process's list, in process order
         for question_id, token_ids, logps in pending:
             self.replay_buffer.add_trajectory(question_id, token_ids, logps)
-        metrics = self._metrics["train"]
         metrics["replay/buffer_questions"].append(self.replay_buffer.num_questions)
         metrics["replay/buffer_trajectories"].append(self.replay_buffer.num_trajectories)
-        metrics["replay/retired_questions"].append(self.replay_buffer.num_retired)
 
     # Loss ------------------------------------------------------------------------------------------------------------
 
@@ -655,6 +663,8 @@ class ExGRPOTrainer(GRPOTrainer):
         if not math.isnan(low_min):
             append("clip_ratio/low_min", low_min)
             append("clip_ratio/high_max", high_max)
+        if self.args.replay_ratio == 0:
+            return loss
         append("replay/shaped_weight_mean", global_masked_mean(shaped_weight, mask * replay_mask.unsqueeze(1)))
         # The replayed rows' share of the policy loss, in absolute per-token loss: how much of the update they drive.
         magnitude = (per_token_loss.detach().abs() * mask).sum(-1)
