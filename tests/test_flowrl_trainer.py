@@ -498,6 +498,99 @@ def test_resume_from_a_corrupt_or_missing_state_fails_clearly(
         trainer.train(resume_from_checkpoint=str(missing))
 
 
+def test_resume_with_a_head_of_another_size_names_the_file(
+    tiny_model_path, tmp_path, arithmetic_dataset, official_checkpoint
+):
+    from trl_flowrl.flowrl.log_z import LogZHead
+
+    checkpoint = copy_checkpoint(official_checkpoint, tmp_path / "other-model" / "checkpoint-1")
+    path = checkpoint / LOG_Z_STATE_NAME
+    state = torch.load(path, weights_only=True)
+    hidden = state["head"]["net.0.weight"].shape[1]
+    state["head"] = LogZHead(hidden + 8).state_dict()  # as written by a run on a wider model
+    torch.save(state, path)
+    trainer = make_trainer(tiny_model_path, tmp_path / "run", arithmetic_dataset, max_steps=2)
+    with pytest.raises(
+        ValueError, match=rf"{LOG_Z_STATE_NAME}: it was saved for a policy of hidden size {hidden + 8}"
+    ) as error:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert str(path) in str(error.value) and f"has hidden size {hidden}" in str(error.value)
+
+
+def test_an_intact_file_that_cannot_be_used_is_not_called_corrupt(
+    tiny_model_path, tmp_path, arithmetic_dataset, official_checkpoint
+):
+    checkpoint = copy_checkpoint(official_checkpoint, tmp_path / "replaced" / "checkpoint-1")
+    torch.save({"weights": torch.zeros(2)}, checkpoint / LOG_Z_STATE_NAME)
+    trainer = make_trainer(tiny_model_path, tmp_path / "run", arithmetic_dataset, max_steps=2)
+    with pytest.raises(ValueError, match="is complete but is not a FlowRL state") as error:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert "corrupt" not in str(error.value)
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_written_by_one_process_resumes_with_two(tiny_model_path, tmp_path, official_checkpoint):
+    # The checkpoint was written by one process; two resume it. Each rank's head, right after the checkpoint is loaded,
+    # must be the saved one (not the fresh head it was built with), and training goes on from there.
+    script = tmp_path / "resume_ddp.py"
+    script.write_text(RESUME_DDP_SCRIPT)
+    run_distributed(script, tiny_model_path, str(official_checkpoint), str(tmp_path))
+    saved = torch.load(official_checkpoint / LOG_Z_STATE_NAME, weights_only=True)
+    for rank in range(2):
+        record = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert record["world_size"] == 2 and record["global_step"] == 2
+        for name, tensor in saved["head"].items():
+            torch.testing.assert_close(record["loaded_head"][name], tensor, rtol=0, atol=0, msg=name)
+        assert not torch.equal(record["fresh_head"]["net.0.weight"], saved["head"]["net.0.weight"])
+        assert record["head_optimizer_steps"] == saved["optimizer"]["state"][0]["step"].item() + 1
+
+
+RESUME_DDP_SCRIPT = """
+import sys
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl_flowrl import FlowRLConfig, FlowRLTrainer
+
+model_path, checkpoint, out = sys.argv[1:4]
+
+
+def count_digits(completions, **kwargs):
+    return [float(any(ch.isdigit() for ch in c[0]["content"])) for c in completions]
+
+
+class RecordLoadedHead(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):  # runs right after the checkpoint is loaded
+        self.head = {k: v.detach().clone() for k, v in trainer.log_z_head.state_dict().items()}
+
+
+dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{a}="}]} for a in range(8)])
+args = FlowRLConfig(
+    output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2,
+    learning_rate=1e-3, logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, report_to="none", seed=0,
+)
+record = RecordLoadedHead()
+trainer = FlowRLTrainer(
+    model=model_path, reward_funcs=count_digits, args=args, train_dataset=dataset, callbacks=[record]
+)
+fresh_head = {k: v.clone() for k, v in trainer.log_z_head.state_dict().items()}
+trainer.train(resume_from_checkpoint=checkpoint)
+first_parameter = next(trainer.log_z_head.parameters())
+torch.save(
+    {
+        "world_size": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "fresh_head": fresh_head,
+        "loaded_head": record.head,
+        "head_optimizer_steps": int(trainer.log_z_optimizer.state[first_parameter]["step"]),
+    },
+    f"{out}/rank{trainer.accelerator.process_index}.pt",
+)
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
+"""
+
+
 def test_resume_from_a_grpo_checkpoint_starts_a_fresh_head(tiny_model_path, tmp_path, arithmetic_dataset, caplog):
     from trl import GRPOConfig, GRPOTrainer
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import is_peft_model
+from accelerate.utils import broadcast_object_list, is_peft_model
 from transformers import get_scheduler
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOTrainer
@@ -66,6 +66,42 @@ def saved_config_class(checkpoint: str) -> str | None:
     except (OSError, KeyError, StopIteration, ValueError, zipfile.BadZipFile):
         return None
     return None
+
+
+def _read_state(path: str) -> dict | str:
+    """FlowRL's state from `path`, its tensors on the CPU, or a message saying why it cannot be used.
+
+    "Corrupt" is said only of a file whose archive fails its checks (truncated, or damaged bytes): a complete file that
+    cannot be loaded, or holds something else, is described as such.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every member and checks its CRC
+    except OSError as error:  # the file system refused: not a property of the file
+        return f"{path} cannot be read ({type(error).__name__}: {error}). Check the path and its permissions."
+    except (zipfile.BadZipFile, EOFError) as error:
+        damaged = f"not a complete archive ({error})"
+    if damaged is not None:
+        return (
+            f"{path} is corrupt or truncated ({damaged}): the save that wrote it did not complete, or the file was "
+            "damaged since. Resume from an earlier checkpoint."
+        )
+    try:
+        # On the CPU whatever the writing run's device: the head is copied onto this run's device when it is loaded.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        return (
+            f"{path} is complete but could not be loaded with torch {torch.__version__} ({type(error).__name__}: "
+            f"{error}). It was not written by FlowRLTrainer's torch.save of plain tensors and numbers, or by a torch "
+            "this one cannot read: resume with the torch version that wrote it."
+        )
+    if not isinstance(state, dict) or "head" not in state or "optimizer" not in state:
+        return (
+            f"{path} is complete but is not a FlowRL state (a {type(state).__name__} without the 'head' and "
+            f"'optimizer' entries): the file was replaced. Put back the {LOG_Z_STATE_NAME} that FlowRLTrainer wrote "
+            "into this checkpoint, or resume from an earlier checkpoint."
+        )
+    return state
 
 
 class FlowRLTrainer(GRPOTrainer):
@@ -442,22 +478,42 @@ class FlowRLTrainer(GRPOTrainer):
                     f"{written_by or 'unknown arguments'})."
                 )
             return
-        try:
-            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
-            if not isinstance(state, dict) or "head" not in state:
-                raise ValueError("not a FlowRL state dict")
-        except Exception as error:
-            raise ValueError(
-                f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error}). Resume from an "
-                "earlier checkpoint."
-            ) from error
+        # One process reads the file and the others receive it, so every rank takes the same branch below.
+        message = [_read_state(path) if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(message, from_process=0)
+        if isinstance(message[0], str):
+            raise ValueError(message[0])
+        state = message[0]
         self._check_resume_settings(path, state)
         if self.log_z_head is None:
             return
+        self._check_saved_head(path, state["head"])
+        # The tensors were read onto the CPU: load_state_dict copies them onto the head's device.
         self.log_z_head.load_state_dict(state["head"])
         self.log_z_optimizer.load_state_dict(state["optimizer"])
         if state["scheduler"] is not None and self.log_z_scheduler is not None:
             self.log_z_scheduler.load_state_dict(state["scheduler"])
+
+    def _check_saved_head(self, path: str, saved: dict) -> None:
+        """The saved head must fit this run's head: same hidden size (that of the policy), same layers. The two
+        determine every shape of the head."""
+        expected = self.log_z_head.state_dict()
+        # Every weight of the head ends in the hidden size (the Linear layers' input, the LayerNorms' size).
+        saved_hidden = next(iter(saved.values())).shape[-1]
+        hidden = next(iter(expected.values())).shape[-1]
+        if saved_hidden != hidden:
+            raise ValueError(
+                f"Cannot resume the log Z head from {path}: it was saved for a policy of hidden size {saved_hidden}, "
+                f"and this model ({get_config_model_id(self.model.config) or type(self.model).__name__}) has hidden "
+                f"size {hidden}. Resume with the model that wrote the checkpoint, or start a new run."
+            )
+        if saved.keys() != expected.keys():
+            saved_layers = sum(name.endswith(".weight") and value.dim() == 2 for name, value in saved.items())
+            raise ValueError(
+                f"Cannot resume the log Z head from {path}: it has {saved_layers} linear layers, this run's head has "
+                f"log_z_num_layers={self.args.log_z_num_layers}. Resume with log_z_num_layers={saved_layers}."
+            )
 
     def _check_resume_settings(self, path: str, state: dict) -> None:
         """A checkpoint resumes only the run it was written by: another target or head architecture is an error."""
