@@ -92,6 +92,14 @@ def test_invalid_configs_fail_at_construction(tmp_path, kwargs, message):
         make_config(tmp_path, **kwargs)
 
 
+def test_eval_group_estimate_needs_whole_groups_on_each_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(FlowRLConfig, "world_size", property(lambda self: 2))
+    evaluation = dict(objective="matching", eval_strategy="steps", eval_steps=1, per_device_train_batch_size=4)
+    with pytest.raises(ValueError, match="per_device_eval_batch_size \\(2\\) must be a multiple"):
+        make_config(tmp_path, per_device_eval_batch_size=2, num_generations=4, num_generations_eval=4, **evaluation)
+    make_config(tmp_path, per_device_eval_batch_size=2, num_generations=4, num_generations_eval=2, **evaluation)
+
+
 def test_trainer_refuses_a_grpo_config(tmp_path, tiny_model_path):
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
     with pytest.raises(TypeError, match="Replace GRPOConfig"):

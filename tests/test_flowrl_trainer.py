@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_flowrl import FlowRLConfig, FlowRLTrainer
 from trl_flowrl.flowrl.flowrl_trainer import LOG_Z_STATE_NAME, saved_config_class
+from trl_flowrl.flowrl.objective import trajectory_balance_terms
 
 
 def count_digits(completions, **kwargs):
@@ -419,6 +420,71 @@ def test_matching_checkpoint_resume_reproduces_an_uninterrupted_run(tiny_model_p
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=f"policy parameter {name} differs")
+
+
+def first_half_rewarded(completions, **kwargs):
+    """1 for the first half of the batch, 0 for the rest: constant within a prompt's group when a batch holds two
+    prompts, split within the group when it holds one."""
+    return [float(i < len(completions) / 2) for i in range(len(completions))]
+
+
+@pytest.mark.parametrize("num_generations_eval, per_device_eval_batch_size", [(2, 4), (8, 8)])
+def test_evaluation_estimates_log_z_per_prompt(
+    tiny_model_path, tmp_path, arithmetic_dataset, num_generations_eval, per_device_eval_batch_size
+):
+    # Evaluation samples num_generations_eval completions per prompt, not num_generations: the group estimate must
+    # group them by prompt. The expected loss is recomputed from each evaluation batch with groups read from the prompt
+    # tokens themselves; before any training step the policy is the reference, so its log-probs are the reference's.
+    trainer = make_trainer(
+        tiny_model_path,
+        tmp_path,
+        arithmetic_dataset,
+        reward=first_half_rewarded,
+        objective="matching",
+        num_generations=4,
+        num_generations_eval=num_generations_eval,
+        per_device_eval_batch_size=per_device_eval_batch_size,
+    )
+    # Each batch's loss is compared, not eval_loss: the Trainer weighs the last evaluation batch by the dataset's row
+    # count, not by its completions.
+    batches, losses = [], []
+    generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss
+
+    def record_batch(inputs):
+        batches.append(generate(inputs))
+        return batches[-1]
+
+    def record_loss(model, inputs):
+        loss = compute_loss(model, inputs)
+        losses.append(loss.item())
+        return loss
+
+    trainer._generate_and_score_completions, trainer._compute_loss = record_batch, record_loss
+    metrics = trainer.evaluate(eval_dataset=arithmetic_dataset.select(range(4)))
+
+    expected = []
+    for batch in batches:
+        _, prompt_group = torch.unique(batch["prompt_ids"], dim=0, return_inverse=True)
+        expected.append(
+            trajectory_balance_terms(
+                log_z=None,
+                per_token_logps=batch["ref_per_token_logps"],
+                ref_per_token_logps=batch["ref_per_token_logps"],
+                old_per_token_logps=None,
+                advantages=batch["rewards"],
+                completion_mask=batch["completion_mask"],
+                beta=trainer.args.beta,
+                normalization=trainer.args.residual_normalization,
+                group_index=prompt_group,
+            ).loss.item()
+        )
+    assert metrics["eval_flowrl/logp_gap/mean"] == pytest.approx(0.0, abs=1e-5)
+    assert len(losses) == len(expected) == 4 * num_generations_eval // per_device_eval_batch_size
+    assert losses == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    if num_generations_eval == 2:  # each prompt's rewards are constant: every residual is zero
+        assert losses == pytest.approx([0.0] * len(losses), abs=1e-6)
+    else:  # half of each prompt's completions are rewarded: residuals of beta/2 divided by the length
+        assert min(losses) > 0.5
 
 
 # -- checkpoints: written before push and rotation, checked on resume --------------------------------------------------

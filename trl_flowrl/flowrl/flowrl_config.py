@@ -84,9 +84,11 @@ class FlowRLConfig(GRPOConfig):
             `log_z_*` below). `"group"`: the group's own estimate, `mean_j (β · r_j − g_j)` over the completions of the
             prompt (VarGrad, Richter et al., 2020), detached: no parameters, nothing to train or checkpoint. It needs
             whole groups on each process (`per_device_train_batch_size * steps_per_generation` a multiple of
-            `num_generations`). When a loss micro-batch does not hold whole groups (`steps_per_generation > 1`), the
-            estimate is computed at generation time from TRL's `old_per_token_logps`, or, when TRL has none, from one
-            extra no-grad forward pass of the policy over the generation batch. `None` takes the objective's value.
+            `num_generations`; in evaluation, `per_device_eval_batch_size` a multiple of `num_generations_eval`, whose
+            completions are grouped by prompt). When a loss micro-batch does not hold whole groups
+            (`steps_per_generation > 1`), the estimate is computed at generation time from TRL's `old_per_token_logps`,
+            or, when TRL has none, from one extra no-grad forward pass of the policy over the generation batch. `None`
+            takes the objective's value.
         importance_weight_clipping (`str`, *optional*, defaults to `"clamp"`):
             How the detached sequence importance weight `w = Π_t π_θ/π_old` is clipped. `"clamp"`: `min(w,
             importance_weight_max)`, the maintained official code. `"symmetric"`: clip to `[1 - epsilon, 1 +
@@ -283,6 +285,13 @@ class FlowRLConfig(GRPOConfig):
                     f"per-device generation batch (per_device_train_batch_size * steps_per_generation = "
                     f"{local_generation_batch}) must be a multiple of num_generations ({self.num_generations}). "
                     "Change the batch sizes, or use log_z_estimate='head'."
+                )
+            eval_group = self.num_generations_eval or self.num_generations
+            if self.do_eval and self.eval_strategy != "no" and self.per_device_eval_batch_size % eval_group != 0:
+                raise ValueError(
+                    f"log_z_estimate='group' estimates log Z from each prompt's group on its own process, so "
+                    f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be a multiple of the "
+                    f"completions per prompt in evaluation (num_generations_eval or num_generations: {eval_group})."
                 )
 
     def _refuse_grpo_loss_options(self):

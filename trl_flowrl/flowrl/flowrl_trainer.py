@@ -271,8 +271,10 @@ class FlowRLTrainer(GRPOTrainer):
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
         output["rewards"] = rewards
         if self.args.log_z_estimate == "group":
-            # TRL's output holds whole groups of num_generations consecutive rows on each process (checked by the config).
-            group = torch.arange(local, device=rewards.device) // self.num_generations
+            # TRL's output holds whole groups of consecutive rows on each process (checked by the config); evaluation
+            # samples num_generations_eval completions per prompt.
+            group_size = self.num_generations if self.model.training else self.num_generations_eval
+            group = torch.arange(local, device=rewards.device) // group_size
             output["flowrl_group"] = group
             if self.model.training and self.args.steps_per_generation > 1:
                 # The loss will see parts of groups: estimate log Z now, from the sampling policy's log-probs.
