@@ -288,7 +288,8 @@ def test_missing_question_ids_fall_back_to_the_prompt_hash(tiny_model_path, tmp_
         ({"tools": [len]}, "does not support `tools`"),
         ({"rollout_func": lambda prompts, trainer: {}}, "does not support `rollout_func`"),
         ({"environment_factory": object}, "does not support `environment_factory`"),
-        ({"train_dataset": None}, "`train_dataset` is required"),  # GRPOTrainer's wording (TRL's tests match it)
+        # GRPOTrainer's wording, which TRL's test_dataset_required_without_environment matches
+        ({"train_dataset": None}, "`train_dataset` is required"),
         ({"train_dataset": [{"prompt": "1+1="}]}, "needs a train_dataset that is a `datasets.Dataset`"),
     ],
 )
@@ -296,15 +297,6 @@ def test_unsupported_setups_fail_at_construction(tiny_model_path, tmp_path, kwar
     kwargs = {"train_dataset": questions(), **kwargs}
     with pytest.raises(ValueError, match=message):
         ExGRPOTrainer(tiny_model_path, parity_reward, args=make_config(tmp_path), **kwargs)
-
-
-def test_missing_dataset_fails_as_in_grpo_whatever_the_config(tiny_model_path, tmp_path):
-    # TRL's test_dataset_required_without_environment, with ExGRPO: no train_dataset, a GRPO or an ExGRPO config.
-    from trl import GRPOConfig
-
-    for args in (make_config(tmp_path), GRPOConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none")):
-        with pytest.raises(ValueError, match="`train_dataset` is required"):
-            ExGRPOTrainer(model=tiny_model_path, reward_funcs=parity_reward, args=args)
 
 
 def test_missing_question_id_column_and_wrong_config_type_fail(tiny_model_path, tmp_path):

@@ -124,6 +124,11 @@ class ExGRPOTrainer(GRPOTrainer):
     }
 
     def __init__(self, model, reward_funcs=None, args: ExGRPOConfig | None = None, train_dataset=None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = ExGRPOConfig(f"{model_name.split('/')[-1]}-ExGRPO")
+        elif not isinstance(args, ExGRPOConfig):
+            raise TypeError(f"ExGRPOTrainer needs an ExGRPOConfig, got {type(args).__name__}.")
         for name in ("tools", "rollout_func", "environment_factory"):
             if kwargs.get(name):
                 raise ValueError(
@@ -131,8 +136,8 @@ class ExGRPOTrainer(GRPOTrainer):
                     "single-turn generations, while tools, rollout functions and environments generate several turns "
                     "(and tool outputs) in TRL's own loop, which cannot take a stored trajectory without copying it."
                 )
-        # Checked before the config's type, and worded as GRPOTrainer's own error, so that code (and TRL's tests)
-        # written against GRPOTrainer see the error they expect.
+        # Worded as GRPOTrainer's own error, so that code (and TRL's tests) written against GRPOTrainer see the error
+        # they expect.
         if train_dataset is None:
             raise ValueError(
                 "`train_dataset` is required: ExGRPOTrainer trains on a `datasets.Dataset` or "
@@ -143,11 +148,6 @@ class ExGRPOTrainer(GRPOTrainer):
                 "ExGRPOTrainer needs a train_dataset that is a `datasets.Dataset` or `datasets.IterableDataset`, got "
                 f"{type(train_dataset).__name__}."
             )
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = ExGRPOConfig(f"{model_name.split('/')[-1]}-ExGRPO")
-        elif not isinstance(args, ExGRPOConfig):
-            raise TypeError(f"ExGRPOTrainer needs an ExGRPOConfig, got {type(args).__name__}.")
         columns = train_dataset.column_names  # None for an iterable dataset of unknown features
         if args.question_id_column is not None and columns is not None and args.question_id_column not in columns:
             raise ValueError(

@@ -92,9 +92,9 @@ class FlowRLConfig(GRPOConfig):
         importance_weight_clipping (`str`, *optional*, defaults to `"clamp"`):
             How the detached sequence importance weight `w = Π_t π_θ/π_old` is clipped. `"clamp"`: `min(w,
             importance_weight_max)`, the maintained official code. `"symmetric"`: clip to `[1 - epsilon, 1 +
-            epsilon_high]`, the paper's text. `"none"`: no clipping, the first official code release (its weight is
-            still kept finite, `log w <= 80`). The ablation without importance sampling drops the 7B average from 35.63
-            to 26.71.
+            epsilon_high]`, the paper's text (`epsilon` in (0, 1), `epsilon_high` positive and finite, None for
+            `epsilon`). `"none"`: no clipping, the first official code release (its weight is still kept finite,
+            `log w <= 80`). The ablation without importance sampling drops the 7B average from 35.63 to 26.71.
         importance_weight_max (`float`, *optional*, defaults to `10.0`):
             Upper bound of `w` for `importance_weight_clipping="clamp"` (the official code's value).
         log_z_num_layers (`int`, *optional*, defaults to `3`):
@@ -255,11 +255,20 @@ class FlowRLConfig(GRPOConfig):
                 f"{self.importance_weight_max}. The official value is 10 (use importance_weight_clipping='none' for no "
                 "clipping)."
             )
-        if self.importance_weight_clipping == "symmetric" and not 0 < self.epsilon < 1:
-            raise ValueError(
-                f"importance_weight_clipping='symmetric' clips to [1 - epsilon, 1 + epsilon_high], so epsilon must be "
-                f"in (0, 1), got {self.epsilon}."
-            )
+        if self.importance_weight_clipping == "symmetric":
+            if not 0 < self.epsilon < 1:
+                raise ValueError(
+                    "importance_weight_clipping='symmetric' clips to [1 - epsilon, 1 + epsilon_high], so epsilon "
+                    f"must be in (0, 1), got {self.epsilon}."
+                )
+            # A negative upper bound would make the weight negative and turn the squared residual into a loss to
+            # maximise; NaN would poison every weight.
+            if self.epsilon_high is not None and not (math.isfinite(self.epsilon_high) and self.epsilon_high > 0):
+                raise ValueError(
+                    "importance_weight_clipping='symmetric' clips to [1 - epsilon, 1 + epsilon_high], so "
+                    f"epsilon_high must be positive and finite, got {self.epsilon_high}. Leave it None to use epsilon "
+                    f"({self.epsilon})."
+                )
         if self.log_z_num_layers < 1:
             raise ValueError(f"log_z_num_layers must be at least 1 (the output layer), got {self.log_z_num_layers}.")
         if not 0 <= self.log_z_dropout < 1:
