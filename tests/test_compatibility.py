@@ -179,10 +179,27 @@ def test_mixture_of_experts_router_loss(name, moe_model_path, tmp_path):
     assert all(entry["aux_loss"] > 0 for entry in trainer.state.log_history if "loss" in entry)
 
 
+def test_flowrl_runs_a_grpo_script_that_sets_grpo_loss_options(tiny_model_path, tmp_path, caplog):
+    # A GRPO script's loss options (luspo with token-level ratios would even draw GRPOTrainer's own warning) are
+    # reported once and change nothing: the run is the one without them.
+    grpo_options = dict(
+        loss_type="luspo", importance_sampling_level="token", delta=4.0, use_bias_correction_kl=True, epsilon_high=0.28
+    )
+    with caplog.at_level("WARNING"):
+        with_options = train("flowrl", tiny_model_path, tmp_path / "with", num_iterations=2, **grpo_options)
+    ignored = [r.getMessage() for r in caplog.records if "FlowRL ignores these GRPO loss options" in r.getMessage()]
+    assert len(ignored) == 1 and all(name in ignored[0] for name in grpo_options)
+    assert "luspo" not in caplog.text.replace(ignored[0], "")  # GRPOTrainer saw no loss_type to warn about
+    without = train("flowrl", tiny_model_path, tmp_path / "without", num_iterations=2)
+    for (name, a), b in zip(with_options.model.state_dict().items(), without.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize(
     "name, config_kwargs, trainer_kwargs, message",
     [
-        ("flowrl", {"loss_type": "dapo"}, {}, "has no loss_type"),
+        ("flowrl", {"loss_type": "dapoo"}, {}, "not one of GRPO's loss types"),
+        ("flowrl", {"delta": 4.0, "importance_weight_clipping": "none"}, {}, "weight unbounded"),
         ("flowrl", {"entropy_coef": 0.01}, {}, "no entropy term"),
         ("exgrpo", {"use_adaptive_entropy": True}, {}, "use_adaptive_entropy"),
         ("exgrpo", {"loss_type": "cispo"}, {}, "ExGRPO supports loss_type"),

@@ -19,7 +19,8 @@ def test_defaults_follow_the_paper(tmp_path):
     assert config.scale_rewards == "group"  # r_i is the group-normalised reward
     assert config.objective == "official"
     assert (config.residual_normalization, config.log_z_estimate) == ("token_mean", "head")
-    assert config.loss_type is None and config.use_bias_correction_kl is False
+    assert config.loss_type is None and config.importance_sampling_level is None
+    assert config.use_bias_correction_kl is False and config.delta is None
 
 
 def test_matching_preset_and_explicit_values_win(tmp_path):
@@ -70,10 +71,9 @@ def test_recipe_refuses_a_non_finite_beta():
         ({"importance_weight_max": float("nan")}, "importance_weight_max must be positive and finite"),
         ({"log_z_learning_rate": float("nan")}, "log_z_learning_rate must be positive and finite"),
         ({"log_z_learning_rate": 1e-3, "log_z_estimate": "group"}, "has no head"),
-        ({"loss_type": "dr_grpo"}, "has no loss_type"),
-        ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
-        ({"delta": 2.0}, "delta"),
-        ({"use_bias_correction_kl": True}, "adds no KL term"),
+        ({"loss_type": "dapoo"}, "not one of GRPO's loss types"),
+        ({"importance_sampling_level": "tokens"}, "importance_sampling_level must be 'token' or 'sequence'"),
+        ({"delta": 2.0, "importance_weight_clipping": "none"}, "leaves FlowRL's sequence weight unbounded"),
         ({"importance_weight_clipping": "soft"}, "importance_weight_clipping must be"),
         ({"importance_weight_max": 0.0}, "importance_weight_max must be positive"),
         ({"importance_weight_clipping": "symmetric", "epsilon": 1.5}, "epsilon must be in"),
@@ -94,6 +94,61 @@ def test_recipe_refuses_a_non_finite_beta():
 def test_invalid_configs_fail_at_construction(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_config(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo", "cispo", "luspo", "vespo"])
+def test_grpo_loss_options_are_ignored_with_one_warning(tmp_path, caplog, loss_type):
+    # What a GRPO script or YAML commonly spells out, GRPO's own defaults included (loss_type 'dapo',
+    # use_bias_correction_kl True): accepted, named once, and reset so that GRPOTrainer's checks of them stay silent.
+    with caplog.at_level("WARNING", logger="trl_flowrl.flowrl.flowrl_config"):
+        config = make_config(
+            tmp_path,
+            loss_type=loss_type,
+            importance_sampling_level="sequence",
+            delta=4.0,
+            use_bias_correction_kl=True,
+            epsilon_high=0.28,
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.name == "trl_flowrl.flowrl.flowrl_config"]
+    assert len(warnings) == 1
+    for name in (f"loss_type={loss_type!r}", "importance_sampling_level='sequence'", "delta=4.0"):
+        assert name in warnings[0]
+    assert "use_bias_correction_kl=True (FlowRL adds no KL term" in warnings[0]
+    assert "epsilon_high=0.28 (it bounds the weight only with importance_weight_clipping='symmetric'" in warnings[0]
+    assert (config.loss_type, config.importance_sampling_level, config.delta, config.epsilon_high) == (None,) * 4
+    assert config.use_bias_correction_kl is False
+    # FlowRL's own settings are untouched
+    assert (config.importance_weight_clipping, config.importance_weight_max) == ("clamp", 10.0)
+
+
+def test_defaults_and_flowrl_settings_give_no_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="trl_flowrl.flowrl.flowrl_config"):
+        make_config(tmp_path)
+        # epsilon_high is FlowRL's own bound with symmetric clipping; GRPO's use_bias_correction_kl=False is no change
+        config = make_config(
+            tmp_path, importance_weight_clipping="symmetric", epsilon_high=0.28, use_bias_correction_kl=False
+        )
+    assert not [r for r in caplog.records if r.name == "trl_flowrl.flowrl.flowrl_config"]
+    assert config.epsilon_high == 0.28
+
+
+def test_a_grpo_yaml_with_its_loss_options_parses(tmp_path, caplog):
+    from trl import TrlParser
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(
+        "output_dir: out\nuse_cpu: true\nbf16: false\nreport_to: none\nloss_type: dapo\n"
+        "importance_sampling_level: token\nuse_bias_correction_kl: true\n"
+    )
+    with caplog.at_level("WARNING", logger="trl_flowrl.flowrl.flowrl_config"):
+        (config,) = TrlParser((FlowRLConfig,)).parse_args_and_config(["--config", str(recipe)])
+    assert config.loss_type is None and config.use_bias_correction_kl is False
+    assert "loss_type='dapo'" in caplog.text and "importance_sampling_level='token'" in caplog.text
+
+
+@pytest.mark.parametrize("clipping", ["clamp", "symmetric"])
+def test_delta_is_ignored_where_the_weight_is_bounded(tmp_path, clipping):
+    assert make_config(tmp_path, delta=4.0, importance_weight_clipping=clipping).delta is None
 
 
 def test_eval_group_estimate_needs_whole_groups_on_each_process(tmp_path, monkeypatch):

@@ -1,8 +1,14 @@
+import logging
 import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+
+logger = logging.getLogger(__name__)
+
+# The values GRPOTrainer knows for `loss_type` (TRL 1.16); FlowRL accepts and ignores each of them.
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
 # What `objective` sets. "official" is the official code's loss; "matching" departs from it (see the docstring).
 OBJECTIVE_PRESETS = {
@@ -43,10 +49,23 @@ class FlowRLConfig(GRPOConfig):
     `log_z_estimate`, `beta`); a value given explicitly always wins. After construction those fields hold the values
     in use.
 
-    FlowRL adds no KL term and no entropy term, and its loss is per sequence, so `entropy_coef`,
-    `use_adaptive_entropy`, `top_entropy_quantile`, `off_policy_mask_threshold`, `loss_type`,
-    `importance_sampling_level="sequence"`, `delta` and `use_bias_correction_kl` have no place in it: setting them is
-    refused. Two GRPO options change FlowRL's target when r is the advantage: `scale_rewards` (how the advantage is
+    FlowRL adds no KL term and no entropy term, and its loss is one squared residual per sequence weighed by one
+    importance weight per sequence. GRPO's options for its own loss are handled as follows:
+
+    - Ignored, with one warning that names each one set: `loss_type` (token aggregation: FlowRL's loss is a mean over
+      sequences; `residual_normalization` says how the length enters), `importance_sampling_level` (FlowRL always
+      weighs each sequence by one weight, the product of its token ratios, clipped by `importance_weight_clipping`;
+      it does not switch to GSPO's length-normalised ratio), `delta` (an upper bound on GRPO's ratio: FlowRL bounds
+      its weight with `importance_weight_clipping`), `use_bias_correction_kl=True` (no KL term to correct) and
+      `epsilon_high` when `importance_weight_clipping` is not `"symmetric"`. They are reset to their unset values, so
+      GRPO's checks of them stay silent. A script that spells them out (`loss_type: dapo`) runs unchanged.
+    - Refused: values GRPO itself does not know (a misspelt `loss_type` or `importance_sampling_level`), and `delta`
+      with `importance_weight_clipping="none"` (the script asks for a bounded ratio and FlowRL's weight would be
+      unbounded). `entropy_coef`, `use_adaptive_entropy`, `top_entropy_quantile` and `off_policy_mask_threshold` are
+      refused too: each changes what GRPO optimises (an entropy bonus, a token or sequence mask), and FlowRL could
+      only drop it silently.
+
+    Two GRPO options change FlowRL's target when r is the advantage: `scale_rewards` (how the advantage is
     normalised: the official code divides by the group's standard deviation, TRL's default `"group"`) and
     `multi_objective_aggregation` (with several reward functions, whether they are summed before or normalised
     before summing). With the raw reward, the target uses the weighted sum of the reward functions (`reward_weights`).
@@ -189,14 +208,25 @@ class FlowRLConfig(GRPOConfig):
         metadata={"help": "Learning rate of the log Z head. None: the policy's learning_rate (official)."},
     )
 
-    # GRPO options that FlowRL's loss has no place for: their FlowRL defaults are "unset", and setting them is refused.
+    # GRPO loss options that FlowRL's loss has no place for. Their FlowRL defaults are "unset", so that a value a
+    # script spells out (even GRPO's default) is seen, reported as ignored and reset.
     loss_type: str | None = field(
         default=None,
-        metadata={"help": "Not used by FlowRL (its loss is a mean over sequences); must stay None."},
+        metadata={
+            "help": "Ignored by FlowRL, with a warning (its loss is a mean over sequences; see "
+            "residual_normalization). Accepted so that GRPO scripts run unchanged."
+        },
+    )
+    importance_sampling_level: str | None = field(
+        default=None,
+        metadata={
+            "help": "Ignored by FlowRL, with a warning: it always weighs each sequence by one importance weight (see "
+            "importance_weight_clipping). Accepted so that GRPO scripts run unchanged."
+        },
     )
     use_bias_correction_kl: bool = field(
         default=False,
-        metadata={"help": "Not used by FlowRL (it adds no KL term); must stay False."},
+        metadata={"help": "Ignored by FlowRL, with a warning when True: it adds no KL term."},
     )
 
     def __post_init__(self):
@@ -213,6 +243,7 @@ class FlowRLConfig(GRPOConfig):
         super().__post_init__()
         self._check_flowrl_fields()
         self._refuse_grpo_loss_options()
+        self._ignore_grpo_loss_options()
 
     def describe_objective(self) -> str:
         """One line naming the objective in use and its ingredients, for logs and summaries."""
@@ -304,7 +335,7 @@ class FlowRLConfig(GRPOConfig):
                 )
 
     def _refuse_grpo_loss_options(self):
-        # Options of GRPO's loss that FlowRL's objective has no place for. Refuse them rather than ignore them.
+        # Options that change what GRPO optimises (a bonus or a mask). FlowRL could only drop them silently.
         if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
             raise ValueError(
                 "FlowRL adds no entropy term to its loss: set entropy_coef=0.0 and use_adaptive_entropy=False."
@@ -319,25 +350,52 @@ class FlowRLConfig(GRPOConfig):
                 "off_policy_mask_threshold is a GRPO loss option that FlowRL does not use; set it to None. FlowRL "
                 "bounds off-policy updates with importance_weight_clipping instead."
             )
-        if self.loss_type is not None:
+
+    def _ignore_grpo_loss_options(self):
+        # How GRPO aggregates and clips its per-token loss has no counterpart in FlowRL's per-sequence residual. A GRPO
+        # script that spells these out must still run after the class swap, so they are reported and reset (GRPOTrainer
+        # would otherwise warn about, or refuse, combinations of them that FlowRL never uses).
+        if self.loss_type is not None and self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(
-                f"loss_type={self.loss_type!r} selects GRPO's token aggregation; FlowRL's loss is a mean over "
-                "sequences of the squared residual and has no loss_type. Remove loss_type (leave it None); use "
-                "residual_normalization for how the residual treats the length."
+                f"loss_type={self.loss_type!r} is not one of GRPO's loss types {GRPO_LOSS_TYPES}. FlowRL ignores "
+                "loss_type (its loss is a mean over sequences); remove it, or spell one of GRPO's."
             )
-        if self.importance_sampling_level != "token":
+        if self.importance_sampling_level not in (None, "token", "sequence"):
             raise ValueError(
-                f"importance_sampling_level={self.importance_sampling_level!r} is a GRPO option; FlowRL always weighs "
-                "each sequence by its sequence-level importance weight (see importance_weight_clipping). Leave it at "
-                "'token'."
+                f"importance_sampling_level must be 'token' or 'sequence' (GRPO's values), got "
+                f"{self.importance_sampling_level!r}. FlowRL ignores it; remove it."
             )
-        if self.delta is not None:
+        if self.delta is not None and self.importance_weight_clipping == "none":
             raise ValueError(
-                "delta (two-sided clipping of GRPO's ratio) is not used by FlowRL; set delta=None. FlowRL bounds its "
-                "sequence importance weight with importance_weight_clipping / importance_weight_max."
+                f"delta={self.delta} asks for an upper bound on the importance ratio, but "
+                "importance_weight_clipping='none' leaves FlowRL's sequence weight unbounded. Remove delta, or bound "
+                "the weight with importance_weight_clipping='clamp' (importance_weight_max) or 'symmetric'."
             )
-        if self.use_bias_correction_kl:
-            raise ValueError(
-                "use_bias_correction_kl corrects GRPO's KL term; FlowRL adds no KL term (beta is its reward scale). "
-                "Set use_bias_correction_kl=False."
-            )
+        reasons = {
+            "loss_type": "FlowRL's loss is a mean over sequences of the squared residual; residual_normalization sets "
+            "how the length enters",
+            "importance_sampling_level": "FlowRL weighs each sequence by one importance weight, the product of its "
+            "token ratios, clipped by importance_weight_clipping (GSPO's length-normalised ratio is not used)",
+            "delta": "FlowRL bounds its sequence weight with importance_weight_clipping "
+            f"({self.importance_weight_clipping!r})",
+            "use_bias_correction_kl": "FlowRL adds no KL term (beta is its reward scale)",
+            "epsilon_high": "it bounds the weight only with importance_weight_clipping='symmetric', and this run uses "
+            f"{self.importance_weight_clipping!r}",
+        }
+        ignored = {
+            "loss_type": self.loss_type is not None,
+            "importance_sampling_level": self.importance_sampling_level is not None,
+            "delta": self.delta is not None,
+            "use_bias_correction_kl": bool(self.use_bias_correction_kl),
+            "epsilon_high": self.epsilon_high is not None and self.importance_weight_clipping != "symmetric",
+        }
+        ignored = [name for name, is_set in ignored.items() if is_set]
+        if not ignored:
+            return
+        logger.warning(
+            "FlowRL ignores these GRPO loss options: "
+            + "; ".join(f"{name}={getattr(self, name)!r} ({reasons[name]})" for name in ignored)
+            + ". Remove them to silence this warning."
+        )
+        for name in ignored:
+            setattr(self, name, False if name == "use_bias_correction_kl" else None)
