@@ -594,6 +594,22 @@ def test_an_intact_file_that_cannot_be_used_is_not_called_corrupt(
     assert "corrupt" not in str(error.value)
 
 
+def test_state_file_checks_tell_damage_from_other_problems(tmp_path):
+    from trl_flowrl.flowrl.flowrl_trainer import _read_state
+
+    path = tmp_path / LOG_Z_STATE_NAME
+    torch.save({"head": {"w": torch.ones(256)}, "optimizer": {}, "scheduler": None}, path)
+    assert torch.equal(_read_state(str(path))["head"]["w"], torch.ones(256))
+    data = bytearray(path.read_bytes())
+    data[data.find(torch.ones(1).numpy().tobytes()) + 1] ^= 0xFF  # one damaged byte in the tensor data
+    path.write_bytes(bytes(data))
+    assert "is corrupt or truncated" in _read_state(str(path)) and "fails its CRC check" in _read_state(str(path))
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    assert "is corrupt or truncated" in _read_state(str(path))
+    torch.save([1, 2], path)
+    assert "is complete but is not a FlowRL state (a list" in _read_state(str(path))
+
+
 @pytest.mark.multiprocess
 def test_a_checkpoint_written_by_one_process_resumes_with_two(tiny_model_path, tmp_path, official_checkpoint):
     # The checkpoint was written by one process; two resume it. Each rank's head, right after the checkpoint is loaded,

@@ -76,11 +76,12 @@ def _read_state(path: str) -> dict | str:
     """
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()  # reads every member and checks its CRC
+            bad_member = archive.testzip()  # reads every member and checks its CRC
+        damaged = None if bad_member is None else f"{bad_member} fails its CRC check"
     except OSError as error:  # the file system refused: not a property of the file
         return f"{path} cannot be read ({type(error).__name__}: {error}). Check the path and its permissions."
-    except (zipfile.BadZipFile, EOFError) as error:
-        damaged = f"not a complete archive ({error})"
+    except Exception as error:  # any failure to unzip; caught so that no rank is left waiting for the broadcast
+        damaged = f"not a readable archive: {type(error).__name__}: {error}"
     if damaged is not None:
         return (
             f"{path} is corrupt or truncated ({damaged}): the save that wrote it did not complete, or the file was "
