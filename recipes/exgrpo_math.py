@@ -18,4 +18,4 @@ if __name__ == "__main__":
         ExGRPOConfig, Path(__file__).parent / "configs" / "embedded" / "exgrpo_arithmetic.yaml"
     )
     trainer = run(ExGRPOTrainer, script_args, training_args, model_args)
-    trainer.end()
+    trainer.accelerator.end_training()  # Trainer.end() does this from transformers 5.25 on

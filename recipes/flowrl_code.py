@@ -21,4 +21,4 @@ if __name__ == "__main__":
     )
     trainer = run(FlowRLTrainer, script_args, training_args, model_args)
     trainer.accelerator.print(training_args.describe_objective())
-    trainer.end()
+    trainer.accelerator.end_training()  # Trainer.end() does this from transformers 5.25 on

@@ -19,4 +19,4 @@ if __name__ == "__main__":
         GRPOConfig, Path(__file__).parent / "configs" / "embedded" / "grpo_programs.yaml", default_dataset="programs"
     )
     trainer = run(GRPOTrainer, script_args, training_args, model_args)
-    trainer.end()
+    trainer.accelerator.end_training()  # Trainer.end() does this from transformers 5.25 on

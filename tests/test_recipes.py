@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 import yaml
 from conftest import REPO_ROOT
@@ -207,6 +208,7 @@ def test_recipe_trains_the_embedded_model_for_two_steps(recipe, paths, tmp_path)
     assert "4 held-out problems x 2 samples" in result.stdout
     assert f"distinct correct {paths} per problem" in result.stdout
     assert "Using 1 CPU thread(s)" in result.stdout
+    assert f"packages: torch {torch.__version__}, transformers {transformers.__version__}, trl " in result.stdout
     assert (Path(tmp_path) / "model.safetensors").is_file()
 
 
@@ -230,3 +232,49 @@ def test_cpu_thread_count_follows_the_flag_then_the_environment(monkeypatch):
         assert use_cpu_threads(2) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "environ, world_size, has_accelerator, expected",
+    [
+        ({}, 1, False, None),
+        ({"WORLD_SIZE": "2"}, 2, False, None),  # DDP on the CPU (gloo)
+        ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "8"}, 8, True, None),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, 1, True, None),
+        ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, 2, False, "asks for FSDP"),  # use_cpu: true -> DDP
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, 1, False, "asks for DeepSpeed"),
+        ({"WORLD_SIZE": "2"}, 1, False, "2 processes were launched but they did not join"),
+    ],
+)
+def test_launch_problems_are_named(environ, world_size, has_accelerator, expected):
+    from trl_flowrl.recipe import launch_problem
+
+    problem = launch_problem(environ, world_size, has_accelerator)
+    assert problem is None if expected is None else expected in problem
+
+
+@pytest.mark.multiprocess
+def test_an_fsdp_launch_on_a_machine_without_gpus_stops_before_writing(tmp_path):
+    """The repository's FSDP2 config with two processes, as a user would try it here: refused, nothing written."""
+    config = yaml.safe_load((REPO_ROOT / "recipes" / "accelerate" / "fsdp2.yaml").read_text())
+    config["num_processes"] = 2
+    config_file = tmp_path / "fsdp2.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    output_dir = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--main_process_port",
+        "0",
+        str(REPO_ROOT / "recipes" / "flowrl_math.py"),
+        "--max_steps=1",
+        f"--output_dir={output_dir}",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Refusing to train: the accelerate config asks for FSDP" in result.stdout + result.stderr
+    assert not output_dir.exists()

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
+from trl_flowrl._compat import package_versions
+
 
 BUILTIN_TASKS = ("arithmetic", "programs")
 MATH_DATASETS = ("dapo_math", "openr1_math", "math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
@@ -265,7 +267,9 @@ def _measure(model_path: str, benchmark, script_args: RecipeArguments, training_
     }
 
 
-def _print_summary(name: str, benchmark, before: dict, after: dict, train_seconds: float, samples: int) -> None:
+def _print_summary(
+    name: str, benchmark, before: dict, after: dict, train_seconds: float, samples: int, versions: dict
+) -> None:
     paths = "programs" if benchmark.name == "programs" else "paths"  # programs are told apart by syntax tree
     print(
         f"\n{name} on {len(benchmark)} held-out problems x {samples} samples "
@@ -273,12 +277,56 @@ def _print_summary(name: str, benchmark, before: dict, after: dict, train_second
         f"  accuracy (avg@{samples})                   {100 * before['accuracy']:5.1f}% -> {100 * after['accuracy']:5.1f}%\n"
         f"  {f'distinct correct {paths} per problem':<39}{before['distinct_correct_paths']:5.2f}  -> "
         f"{after['distinct_correct_paths']:5.2f}\n"
+        # The same seed gives other figures under other versions (kernels, sampling, defaults).
+        f"  packages: {', '.join(f'{name} {v}' for name, v in versions.items())}\n"
     )
+
+
+def launch_problem(environ, world_size: int, has_accelerator: bool) -> str | None:
+    """What is wrong with how the processes were launched, or None.
+
+    Two launches that would run but lose work: an accelerate config that asks for FSDP or DeepSpeed on a machine
+    with no accelerator (with `use_cpu: true` accelerate silently trains plain DDP instead), and several processes
+    launched that did not join one distributed run (with `use_cpu: false` and no GPU, each process trains alone as
+    rank 0, and all of them write the same `output_dir`).
+    """
+    sharding = [
+        name
+        for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+        if environ.get(variable, "false").lower() in ("1", "true", "yes")
+    ]
+    if sharding and not has_accelerator:
+        return (
+            f"the accelerate config asks for {sharding[0]}, which shards the model across accelerators, and this "
+            "machine has none. On a CPU, train with `python recipes/<script>.py` or with several processes "
+            "`accelerate launch --num_processes N --use_cpu recipes/<script>.py` (DDP); keep the FSDP and DeepSpeed "
+            "configs in recipes/accelerate/ for GPU machines."
+        )
+    launched = int(environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and world_size != launched:
+        return (
+            f"{launched} processes were launched but they did not join one distributed run (each sees a world of "
+            f"{world_size}), so each would train alone and all would write the same output_dir. Without a GPU, "
+            "pass `--use_cpu` to `accelerate launch` (or `use_cpu: true` in its config) so that they train together "
+            "with DDP over gloo."
+        )
+    return None
+
+
+def check_launch(training_args) -> None:
+    """Stop with a message, before anything is written, when `launch_problem` finds a problem."""
+    import torch
+
+    problem = launch_problem(os.environ, training_args.world_size, torch.accelerator.is_available())
+    if problem is not None:
+        raise SystemExit(f"Refusing to train: {problem}")
 
 
 def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: ModelConfig):
     """Train `trainer_cls` (GRPOTrainer or a subclass) as configured; returns the trainer."""
     from transformers import AutoTokenizer
+
+    check_launch(training_args)
 
     from trl_flowrl.evaluation.generation import check_model_path
     from trl_flowrl.tasks import embedded_model_path
@@ -320,6 +368,9 @@ def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: Mo
     benchmark = _summary_benchmark(script_args, training_args.seed, reward)
     before = _measure(model_path, benchmark, script_args, training_args) if benchmark and is_main else None
 
+    from trl_flowrl.vllm_cpu import keep_cpu_weights_loadable
+
+    keep_cpu_weights_loadable(training_args)  # vLLM's CPU build only: lets the weight sync reach the engine
     trainer = trainer_cls(
         model=model_path,
         reward_funcs=[reward],
@@ -337,7 +388,10 @@ def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: Mo
 
     if before is not None and trainer.accelerator.is_main_process:
         after = _measure(training_args.output_dir, benchmark, script_args, training_args)
-        _print_summary(trainer_cls.__name__, benchmark, before, after, train_seconds, script_args.eval_samples)
-        trainer.summary = {"before": before, "after": after, "train_seconds": train_seconds}
+        versions = package_versions()
+        _print_summary(
+            trainer_cls.__name__, benchmark, before, after, train_seconds, script_args.eval_samples, versions
+        )
+        trainer.summary = {"before": before, "after": after, "train_seconds": train_seconds, "versions": versions}
     trainer.accelerator.wait_for_everyone()
     return trainer
