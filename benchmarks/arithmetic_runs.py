@@ -47,6 +47,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from trl_flowrl._compat import package_versions
+
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "configs" / "embedded"
@@ -365,6 +367,7 @@ def report_header(benchmark: str, smoke: bool, settings: dict) -> dict:
         "machine": machine(),
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
+        "versions": package_versions(),
         "settings": settings,
     }
 
@@ -758,6 +761,7 @@ def tracked_run(
         "eval": asdict(spec),
         "machine": machine(),
         "torch_threads": torch.get_num_threads(),
+        "versions": package_versions(),
         "date": time.strftime("%Y-%m-%d"),
         "train_seconds": wall - tracker.seconds,
         "eval_seconds": tracker.seconds,

@@ -57,6 +57,8 @@ QWEN25_05B = dict(
 sys.path.insert(0, str(REPO / "benchmarks"))
 import arithmetic_runs  # noqa: E402  (the benchmarks' shared helpers: the machine's description)
 
+from trl_flowrl._compat import package_versions  # noqa: E402
+
 
 def _rss_mb(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -268,6 +270,7 @@ def main():
         "date": time.strftime("%Y-%m-%d"),
         "machine": arithmetic_runs.machine(),
         "device": args.device,
+        "versions": package_versions(),
         "settings": {
             k: getattr(args, k)
             for k in ("model_shape", "steps", "warmup", "rounds", "batch_size", "num_threads", "seed")
