@@ -1,25 +1,36 @@
 """Throughput and worst-case latency of the rewards on this machine (not a test: it prints figures).
 
     python benchmarks/bench_rewards.py [--math-pairs 400] [--programs 60] [--timeout 10]
+    python benchmarks/bench_rewards.py --starvation [--seconds 40] [--loops-per-core 6] [--proc-only]
 
 - math verifications per second (MathVerifier, its default two worker processes, typical answers);
 - code executions per second (LocalSandbox, trivial programs, 1 and `max_concurrency` slots);
 - the latency of each adversarial input: pathological LaTeX (default math-verify timeouts) and each hostile program
   (the default sandbox limits), i.e. how long one bad sample can hold a reward call.
+
+`--starvation` measures instead how often a *correct* program scores 0.0 when the machine is saturated: it times a
+single-process and an 8-child-process program alone, starts `--loops-per-core` busy loops per core, grades each program
+(two at a time) for `--seconds` with `timeout_per_test = max(1 s, 3x its time alone)`, and prints the rate of each
+score (1.0, 0.0, None = infrastructure error) with the sandbox's statuses. The busy loops are killed at the end, on
+any exit; the load lasts about 2 x `--seconds` plus the last batches. `--proc-only` measures without the sandbox's
+accounting cgroup (as where no cgroup v2 is writable): the starvation figures then come from /proc.
 """
 
 import argparse
 import logging
 import os
 import platform
+import signal
+import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trl_flowrl.rewards import CodeReward, LocalSandbox, MathVerifier, SandboxLimits  # noqa: E402
+from trl_flowrl.rewards import CodeReward, LocalSandbox, MathVerifier, SandboxLimits, code_sandbox  # noqa: E402
 
 
 TYPICAL_MATH = [
@@ -59,15 +70,82 @@ HOSTILE = {
     "kill the parent": ("import os, signal\nos.kill(os.getppid(), 9)\nos.kill(-1, signal.SIGKILL)", SUM_TESTS),
 }
 
+# Correct programs of ~0.2-0.4 s alone: one process, and the same kind of work done by 8 child processes in turn.
+STARVED_TESTS = {
+    "style": "stdio",
+    "cases": [{"input": "2000000\n", "output": f"{sum(i * i % 7 for i in range(2_000_000))}\n"}],
+}
+STARVED_PROGRAMS = {
+    "single process": "n = int(input())\nprint(sum(i * i % 7 for i in range(n)))",
+    "8 child processes": (
+        "import subprocess, sys\n"
+        "n = int(input())\n"
+        "step = n // 8\n"
+        "total = 0\n"
+        "for k in range(8):\n"
+        "    part = f'print(sum(i * i % 7 for i in range({k * step}, {(k + 1) * step})))'\n"
+        "    total += int(subprocess.run([sys.executable, '-S', '-c', part], capture_output=True, text=True).stdout)\n"
+        "print(total)"
+    ),
+}
+
+
+def starvation(seconds: float, loops_per_core: int) -> None:
+    timeouts = {}
+    for name, code in STARVED_PROGRAMS.items():
+        alone = LocalSandbox(SandboxLimits(timeout_s=30), max_concurrency=1)
+        results = [alone.run(code, stdin=STARVED_TESTS["cases"][0]["input"]) for _ in range(3)]
+        assert all(r.status == "ok" and r.stdout == STARVED_TESTS["cases"][0]["output"] for r in results), results[0]
+        timeouts[name] = max(1.0, 3 * min(r.wall_s for r in results))
+        print(f"{name}: {min(r.wall_s for r in results):.2f} s alone -> timeout_per_test {timeouts[name]:.2f} s")
+    count = loops_per_core * (os.cpu_count() or 1)
+    busy = []
+    try:
+        for _ in range(count):
+            busy.append(subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True))
+        print(f"{count} busy loops started ({loops_per_core} per core)")
+        for name, code in STARVED_PROGRAMS.items():
+            sandbox = LocalSandbox(SandboxLimits(timeout_s=timeouts[name]), max_concurrency=2)
+            reward = CodeReward(sandbox, timeout_per_test=timeouts[name])
+            if name == next(iter(STARVED_PROGRAMS)):
+                isolation = sandbox.isolation  # detected now, and the accounting cgroups made with it
+                accounting = "cgroup v2" if sandbox._acct_cgroups[0] else "/proc"
+                print(f"isolation {isolation}, starvation measured from {accounting}")
+            completion = f"```python\n{code}\n```"
+            scores, statuses, start = [], Counter(), time.monotonic()
+            while time.monotonic() - start < seconds:
+                reports = reward.grade([completion] * 2, [STARVED_TESTS] * 2)
+                scores += [reward.score(r) for r in reports]
+                statuses.update(r.details[-1].split(":")[0] for r in reports)
+            zeros = sum(score == 0.0 for score in scores)
+            print(
+                f"{name}: {zeros}/{len(scores)} scored 0.0 ({zeros / len(scores):.0%}), "
+                f"{sum(score == 1.0 for score in scores)} scored 1.0, {sum(score is None for score in scores)} None "
+                f"(infrastructure error), in {time.monotonic() - start:.0f} s; statuses {dict(statuses)}"
+            )
+    finally:
+        for proc in busy:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--math-pairs", type=int, default=400)
     parser.add_argument("--programs", type=int, default=60)
     parser.add_argument("--timeout", type=float, default=10.0, help="sandbox wall-clock timeout per program")
+    parser.add_argument("--starvation", action="store_true", help="only the saturated-machine measurement")
+    parser.add_argument("--seconds", type=float, default=40.0, help="--starvation: grading time per program")
+    parser.add_argument("--loops-per-core", type=int, default=6, help="--starvation: busy loops per core")
+    parser.add_argument("--proc-only", action="store_true", help="--starvation: no accounting cgroup, /proc only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    if args.starvation:
+        if args.proc_only:
+            code_sandbox._make_accounting_cgroups = lambda count: [None] * count
+        starvation(args.seconds, args.loops_per_core)
+        return
 
     verifier = MathVerifier()
     verifier.grade([c for c, _ in TYPICAL_MATH], [g for _, g in TYPICAL_MATH])  # start the workers

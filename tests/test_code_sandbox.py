@@ -473,7 +473,7 @@ def test_sandbox_works_in_a_forked_child_and_leaves_the_parent_working(sandbox):
         try:
             code = 0 if sandbox.run("print(2)").stdout.strip() == "2" else 1
         finally:
-            _remove_cgroups(sandbox._cgroups)  # what atexit does, which os._exit skips
+            _remove_cgroups(sandbox._cgroups + sandbox._acct_cgroups)  # what atexit does, which os._exit skips
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

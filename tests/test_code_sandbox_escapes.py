@@ -12,13 +12,14 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
 
-from trl_flowrl.rewards import CodeReward, LocalSandbox, SandboxLimits
+from trl_flowrl.rewards import CodeReward, LocalSandbox, SandboxLimits, code_sandbox
 from trl_flowrl.rewards.code_reward import run_tests
-from trl_flowrl.rewards.code_sandbox import _CGROUP_PREFIX, _CGROUP_V1_PIDS
+from trl_flowrl.rewards.code_sandbox import _CGROUP_PREFIX, _CGROUP_V1_PIDS, _Run, _Usage
 
 
 TIMEOUT = 2.0
@@ -422,9 +423,15 @@ def _alive(pid: int) -> bool:
 
 
 def _own_cgroups(pid: int) -> list[str]:
-    if not os.path.isdir(_CGROUP_V1_PIDS):
-        return []
-    return [name for name in os.listdir(_CGROUP_V1_PIDS) if name.startswith(f"{_CGROUP_PREFIX}{pid}-")]
+    """The pids cgroups and the accounting cgroups (cgroup v2, see `_Usage`) of the trainer `pid`."""
+    found = []
+    for parent, prefix in (
+        (_CGROUP_V1_PIDS, _CGROUP_PREFIX),
+        (code_sandbox._cgroup2_home(), code_sandbox._ACCT_PREFIX),
+    ):
+        if parent is not None and os.path.isdir(parent):
+            found += [name for name in os.listdir(parent) if name.startswith(f"{prefix}{pid}-")]
+    return found
 
 
 @pytest.mark.parametrize("mode", ["auto", "namespaces", "none"])
@@ -448,6 +455,8 @@ def test_nothing_outlives_a_killed_trainer(mode, work_root):
         assert started and list(tmp_path.iterdir())
         if os.geteuid() == 0 and os.path.isdir(_CGROUP_V1_PIDS):
             assert _own_cgroups(trainer.pid)
+        if code_sandbox._cgroup2_home() is not None:  # the accounting cgroups go with the trainer too
+            assert any(name.startswith(code_sandbox._ACCT_PREFIX) for name in _own_cgroups(trainer.pid))
     finally:
         trainer.kill()
         trainer.wait()
@@ -462,10 +471,16 @@ def test_nothing_outlives_a_killed_trainer(mode, work_root):
         time.sleep(0.05)
 
 
-def test_none_mode_kills_what_left_the_session_at_the_end_of_the_run():
-    if os.geteuid() != 0 or not os.path.isdir(_CGROUP_V1_PIDS):
+@pytest.mark.parametrize("cgroup", ["pids", "accounting"])
+def test_none_mode_kills_what_left_the_session_at_the_end_of_the_run(cgroup, monkeypatch):
+    if cgroup == "pids" and (os.geteuid() != 0 or not os.path.isdir(_CGROUP_V1_PIDS)):
         pytest.skip("documented: without root (no pids cgroup) `none` mode cannot find what left the session")
+    if cgroup == "accounting":
+        if code_sandbox._cgroup2_home() is None:
+            pytest.skip("documented: without a writable cgroup v2 `none` mode cannot find what left the session")
+        monkeypatch.setattr(code_sandbox, "_make_pids_cgroups", lambda count, max_tasks: [None] * count)
     sandbox = mode_sandbox("none")
+    assert (sandbox._cgroups[0] is not None) == (cgroup == "pids")
     token = f"1000.{secrets.randbelow(10**9):09d}"
     code = (
         "import os\nif os.fork() == 0:\n    os.setsid()\n    null = os.open('/dev/null', os.O_RDWR)\n"
@@ -558,3 +573,102 @@ def test_infinite_loops_and_sleeps_stay_timeouts_under_contention(contended):
         0.0,
         0.0,
     ]
+
+
+# -- issue 17, item 2: starvation of programs that work in child processes ----------------------------------------
+
+# A correct program that does its work (0.4 s of CPU) in 8 child processes, one after the other: the kernel drops the
+# run-queue statistics of each child once it is reaped, so the time the starved children waited was lost.
+IN_CHILDREN = (
+    "import subprocess, sys\n"
+    "work = 'import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.05:\\n    pass'\n"
+    "for _ in range(8):\n"
+    "    subprocess.run([sys.executable, '-S', '-c', work], check=True)\n" + SUM_OK
+)
+
+
+def _judge(usage, elapsed=2.4, budget=1.0, final=False, exact=None):
+    """The verdict of `_Run._over_time` on figures given instead of measured: `usage` is what /proc shows, `exact`
+    what the run's accounting cgroup shows (the bootstrap's start-up included), if it has one."""
+    run = _Run(types.SimpleNamespace(pid=-1), -1, 0)
+    run.exec_started = True
+    if exact is not None:
+        run.accounting, run.accounted = ("cgroup", (10.0, 20.0)), (0.0, 0.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(code_sandbox, "_tree_usage", lambda pid: usage)
+        patch.setattr(code_sandbox, "_cgroup_usage", lambda path: (10.0 + exact[0], 20.0 + exact[1]))
+        return run._over_time(elapsed, budget, final)
+
+
+def test_starvation_decision_counts_the_wait_of_exited_children():
+    # Measured at the 2.4 s check of IN_CHILDREN-like program beside 12 busy loops on 2 cores: live processes had
+    # waited 0.69 s, the reaped children had had 0.21 s of CPU; the run's cgroup said 0.29 s of CPU, 2.10 s waited.
+    starved = _Usage(cpu=0.26, wait=0.69, exited_cpu=0.21, live_cpu=0.07)
+    assert starved.waited() == pytest.approx(0.69 + 0.21 * 0.69 / 0.07)
+    assert _judge(starved) is None  # it goes on, up to the grace
+    assert _judge(starved, final=True) == "contention"  # then an infrastructure error, never a wrong answer
+    assert _judge(None, exact=(0.29, 2.10)) is None
+    assert _judge(None, exact=(0.29, 2.10), final=True) == "contention"
+    # A program that ran a child and then sleeps: little CPU, little waiting, by either measure.
+    sleeper = _Usage(cpu=0.06, wait=0.05, exited_cpu=0.03, live_cpu=0.03)
+    assert _judge(sleeper) == "timeout"
+    assert _judge(None, exact=(0.06, 0.1)) == "timeout"
+    # Its CPU budget spent: a timeout however long it waited.
+    assert _judge(_Usage(cpu=1.0, wait=5.0), elapsed=6.0) == "timeout"
+    assert _judge(None, elapsed=6.0, exact=(1.0, 5.0)) == "timeout"
+    # The cgroup's figures win over /proc's when the bootstrap joined it.
+    assert _judge(sleeper, exact=(0.29, 2.10)) is None
+    assert _judge(starved, exact=(0.06, 0.1)) == "timeout"
+
+
+def test_a_program_found_exited_at_a_late_check_is_scored_on_its_output():
+    # A starved trainer wakes up past the limit of a program that has already exited: its output counts, no verdict.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "print(42)"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    proc.wait()
+    status_r, status_w = os.pipe()
+    os.close(status_w)
+    run = _Run(proc, status_r, 1 << 20)
+    run.exec_started = True
+    try:
+        verdict = run.communicate(b"", start=time.monotonic() - 10.0, budget=1.0, grace=3.0)
+    finally:
+        run.close()
+    assert verdict is None and run.out[1] == b"42\n"
+
+
+@pytest.fixture(params=["cgroup", "proc"])
+def measured(request, monkeypatch):
+    """The contended sandbox with the run's accounting cgroup where this machine offers one, and without (/proc)."""
+    if request.param == "proc":
+        monkeypatch.setattr(code_sandbox, "_make_accounting_cgroups", lambda count: [None] * count)
+    sandbox = mode_sandbox("auto", timeout_s=1.0, contention_grace=3.0)
+    if request.param == "cgroup" and sandbox._acct_cgroups[0] is None:
+        pytest.skip("no cgroup v2 with PSI writable here")
+    return sandbox
+
+
+def test_a_starved_program_working_in_children_is_never_a_wrong_answer(measured):
+    reward = CodeReward(measured, timeout_per_test=1.0)
+    with cpu_hogs(2):  # about 1/3 of a CPU: 0.4 s of CPU and 9 interpreter starts take ~2 s, over the 1 s limit
+        results = [measured.run(IN_CHILDREN, stdin="1 2\n") for _ in range(2)]
+        scores = reward([block(IN_CHILDREN)] * 2, tests=[SUM_TESTS] * 2)
+    for result in results:
+        assert result.status in ("ok", "sandbox_error"), result
+        assert result.status == "sandbox_error" or result.stdout == "3\n"
+    assert any(result.wall_s > 1.0 for result in results)  # it did need more than its limit
+    assert all(score in (1.0, None) for score in scores), scores
+
+
+def test_a_program_that_sleeps_after_its_children_exited_stays_a_timeout(measured):
+    # Its children are done well before the limit (2 s): the time they waited must not make its sleep look starved.
+    sleeper = "import subprocess, sys\nfor _ in range(4):\n    subprocess.run([sys.executable, '-S', '-c', 'pass'])\n"
+    sleeper += "import time\ntime.sleep(1000)"
+    with cpu_hogs(1):
+        result = measured.run(sleeper, timeout_s=2.0)
+    assert result.status == "timeout" and result.wall_s < 3.0, result

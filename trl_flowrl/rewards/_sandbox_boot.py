@@ -2,8 +2,9 @@
 
 Run by `LocalSandbox` as `python -I -S _sandbox_boot.py CONFIG_JSON` (standard library only, no site-packages), with a
 scrubbed environment, in a new session, its stdin/stdout/stderr being the program's. It reports on a private pipe
-(`status_fd`, closed on exec so the program cannot write to it): `PID <n>` (the host pid of the namespace's init, for a
-hard kill), then `EXEC` right before the program starts, or `ERR <reason>` if the isolation could not be set up.
+(`status_fd`, closed on exec so the program cannot write to it): `ACCT <cpu ns> <wait ns>` once it joined the run's
+accounting cgroup (if any; every process of the run is then counted there), `PID <n>` (the host pid of the namespace's init, for a hard kill),
+then `EXEC` right before the program starts, or `ERR <reason>` if the isolation could not be set up.
 
 Isolation modes:
 - `namespaces` (run as root): new mount, pid, network and IPC namespaces; a minimal /dev; every other mount re-mounted
@@ -224,6 +225,21 @@ def _reap_wrapper(fd: int) -> None:
             code = _exit_code(status)
 
 
+def _join_accounting(path: str, fd: int) -> None:
+    """Join the run's accounting cgroup (optional: the figures then come from /proc) and report `ACCT <cpu> <wait>`,
+    this process's CPU and run-queue nanoseconds before it joined: its start-up, which a starved machine can stretch to
+    a good part of a short limit, is the run's too."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            before = " ".join(f.read().split()[:2])
+    except OSError:
+        before = "0 0"
+    with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+        f.flush()
+        _report(fd, f"ACCT {before}")
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     fd, mode, workdir = cfg["status_fd"], cfg["isolation"], cfg["workdir"]
@@ -236,6 +252,8 @@ def main() -> None:
             # Join the slot's pids cgroup first: every process the program starts is counted against its cap.
             with open(os.path.join(cfg["cgroup"], "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
+        if cfg.get("acct_cgroup"):
+            _join_accounting(cfg["acct_cgroup"], fd)
         if mode == "namespaces":
             _check(libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC), "unshare")
         elif mode == "userns":

@@ -15,22 +15,27 @@ temporary directory that is deleted afterwards, and returns an `ExecutionResult`
   a seccomp filter allowing only IP sockets (so no Unix socket of the host, no vsock, no netlink) and no io_uring.
 
 Time limit. `timeout_s` is the program's CPU-time budget and its wall-clock limit. A program still running at the wall
-limit is judged from its CPU time and its run-queue wait (the time it was runnable but got no CPU, from
-/proc/<pid>/schedstat), summed over its processes and threads:
+limit is judged from the CPU time its processes had and the time they waited for a CPU (runnable, not running),
+exited processes included: from the slot's accounting cgroup where one can be made (cgroup v2 with PSI, write access:
+`cpu.stat` and `cpu.pressure`, exact), else from /proc (the live processes' and threads' /proc/<pid>/schedstat, and
+the CPU time of the reaped ones, whose wait the kernel no longer keeps and which is estimated at the live processes'
+wait per second of CPU):
 - it used its CPU budget, or it slept or was blocked for at least half of the wall time (`time.sleep` forever, a
   deadlock): `timeout`, the program's fault;
 - otherwise it wanted the CPU and the machine did not give it (the trainer, other programs, other jobs): it keeps
   running, up to `contention_grace` times `timeout_s` of wall time, until it finishes (and is scored), uses its CPU
   budget or goes idle (`timeout`); if the grace runs out first, the run is an infrastructure failure (`sandbox_error`,
   "CPU contention"), not a wrong answer. An infinite loop that gets less than 1/`contention_grace` of a CPU is
-  reported that way too: at that level of contention the two cannot be told apart. Without schedstat (a kernel
-  without CONFIG_SCHED_INFO) or /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN) the wall limit is final.
+  reported that way too: at that level of contention the two cannot be told apart. Without the cgroup, schedstat (a
+  kernel without CONFIG_SCHED_INFO) or /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN) the wall limit is final.
+A program found to have exited when the limit is checked (the trainer itself was late) is scored on its output.
 
 Nothing outlives the trainer: the bootstrap and the program die with it (parent-death signals, and the pid
 namespace dies with its init), and a watchdog process started with the first run removes the work directories and
 the pids cgroups (killing anything left in them) as soon as the trainer has exited, SIGKILL included. Work
 directories and cgroups left by a trainer that is gone (its lock released) are also removed at the next start.
-(One exception: in `none` mode without root, a process the program moved out of its session survives; see below.)
+(One exception: in `none` mode without root or a writable cgroup v2, a process the program moved out of its session
+survives; see below.)
 
 Isolation modes (`isolation="auto"` picks the first that works):
 - `namespaces` (root): the above, the program running as an unprivileged uid per slot. Needs the interpreter and its
@@ -57,7 +62,8 @@ What this sandbox does NOT protect against:
   own threads;
 - anything in `none` mode beyond the limits: network and Unix sockets, writes wherever the user may write, reading
   other processes' environments, SysV IPC and POSIX message queues (removed afterwards only as root with the uid
-  drop), processes that leave the session (killed at the end of the run only as root, through the pids cgroup);
+  drop), processes that leave the session (killed at the end of the run only through a cgroup: the pids cgroup as root, or the
+  accounting cgroup where cgroup v2 is writable);
 - a program that attacks the function-call harness from inside: it shares its interpreter, but it only produces the
   results, which are compared in the trainer's process, so at most it fails itself. Assert-style tests (HumanEval+)
   run in a separate harness process that the program cannot read or trace (see `code_reward`); in `none` mode as
@@ -100,6 +106,7 @@ _STATUSES = ("ok", "error", "timeout", "output_limit", "sandbox_error")
 _OWNER_PREFIX = "trl-flowrl-sandbox-"
 _CGROUP_V1_PIDS = "/sys/fs/cgroup/pids"
 _CGROUP_PREFIX = "trl-flowrl-pids-"
+_ACCT_PREFIX = "trl-flowrl-acct-"
 
 
 @dataclass
@@ -280,10 +287,10 @@ def _sweep_stale_dirs(work_root: str) -> None:
                 remove_tree(entry.path)
 
 
-def _sweep_stale_cgroups() -> None:
-    with contextlib.suppress(OSError), os.scandir(_CGROUP_V1_PIDS) as entries:
+def _sweep_stale_cgroups(parent: str = _CGROUP_V1_PIDS, prefix: str = _CGROUP_PREFIX) -> None:
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
         for entry in entries:
-            if entry.name.startswith(_CGROUP_PREFIX) and lock_is_free(entry.path):
+            if entry.name.startswith(prefix) and lock_is_free(entry.path):
                 remove_cgroup(entry.path, wait_s=1.0)
 
 
@@ -324,6 +331,7 @@ class LocalSandbox:
         self._mode: tuple[str, bool] | None = None
         self._mode_lock = threading.Lock()
         self._cgroups: list[str | None] = [None] * max_concurrency
+        self._acct_cgroups: list[str | None] = [None] * max_concurrency
         self._cgroups_pid = os.getpid()
 
     # -- isolation detection -------------------------------------------------------------------------------------
@@ -345,7 +353,8 @@ class LocalSandbox:
         root = os.geteuid() == 0
         if root:
             self._cgroups = _make_pids_cgroups(self.max_concurrency, self.limits.max_processes + 2)
-            self._cgroups_pid = os.getpid()
+        self._acct_cgroups = _make_accounting_cgroups(self.max_concurrency)
+        self._cgroups_pid = os.getpid()
         if self.requested_isolation == "none" and root:
             # Rather an unprivileged uid, but `none` as root falls back to running the program as root.
             candidates = [("none", True), ("none", False)]
@@ -442,14 +451,18 @@ class LocalSandbox:
             if uid is not None and isolation == "none":
                 _remove_sysv_ipc(uid)  # elsewhere the IPC namespace took them away
 
-    def _slot_cgroup(self, slot: int) -> str | None:
-        if self._cgroups[0] is not None and self._cgroups_pid != os.getpid():
+    def _slot_cgroups(self, slot: int) -> tuple[str | None, str | None]:
+        """The slot's pids cgroup and accounting cgroup (either None where unavailable)."""
+        if (self._cgroups[0] or self._acct_cgroups[0]) is not None and self._cgroups_pid != os.getpid():
             # A forked child gets cgroups of its own: the parent's are counted, and removed, by the parent.
             with self._mode_lock:
                 if self._cgroups_pid != os.getpid():
-                    self._cgroups = _make_pids_cgroups(self.max_concurrency, self.limits.max_processes + 2)
+                    if self._cgroups[0] is not None:
+                        self._cgroups = _make_pids_cgroups(self.max_concurrency, self.limits.max_processes + 2)
+                    if self._acct_cgroups[0] is not None:
+                        self._acct_cgroups = _make_accounting_cgroups(self.max_concurrency)
                     self._cgroups_pid = os.getpid()
-        return self._cgroups[slot]
+        return self._cgroups[slot], self._acct_cgroups[slot]
 
     def _execute(self, isolation, uid, gid, slot, workdir, stdin, fetch, timeout_s) -> ExecutionResult:
         limits = self.limits
@@ -465,6 +478,7 @@ class LocalSandbox:
             "RLIMIT_NPROC": limits.max_processes if uid is not None else None,
         }
         env = _clean_env(workdir)
+        pids_cgroup, acct_cgroup = self._slot_cgroups(slot)
         argv = [self.python, "-I", "-B", "main.py"]
         if isolation == "bwrap":
             argv = _bwrap_command(workdir, env) + argv
@@ -479,10 +493,12 @@ class LocalSandbox:
             "gid": gid,
             "rlimits": rlimits,
             "argv": argv,
-            "cgroup": self._slot_cgroup(slot),
+            "cgroup": pids_cgroup,
+            "acct_cgroup": acct_cgroup,
             "env": env,
             "shm_mb": limits.file_size_mb,
         }
+        accounting_start = _cgroup_usage(acct_cgroup)  # the slot's counters only ever grow: the run's are deltas
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -500,7 +516,9 @@ class LocalSandbox:
             return ExecutionResult("sandbox_error", detail=f"cannot start the sandbox: {exc}")
         finally:
             os.close(status_w)
-        run = _Run(proc, status_r, limits.max_output_bytes, self._slot_cgroup(slot), wrapped=isolation == "bwrap")
+        run = _Run(proc, status_r, limits.max_output_bytes, pids_cgroup, wrapped=isolation == "bwrap")
+        if accounting_start is not None:
+            run.accounting = (acct_cgroup, accounting_start)
         try:
             outcome = run.communicate(stdin.encode(), start, timeout_s, limits.contention_grace)
         finally:
@@ -508,14 +526,15 @@ class LocalSandbox:
         wall = time.monotonic() - start
         stdout = run.out[1].decode("utf-8", errors="replace")
         stderr = run.out[2].decode("utf-8", errors="replace")[-8192:]
-        cpu_s = run.usage[0] if run.usage else None
+        cpu_s = run.usage.cpu if run.usage else None
         if not run.exec_started:
             detail = run.status_error or f"sandbox set-up failed (exit {proc.returncode})"
             return ExecutionResult("sandbox_error", proc.returncode, stdout, stderr, wall, detail=detail)
         if outcome == "contention":
             detail = (
-                f"CPU contention: after {wall:.1f} s of wall time the program had had {run.usage[0]:.2f} s of CPU "
-                f"and waited {run.usage[1]:.1f} s for one (its limit: {timeout_s:g} s); the machine is overloaded"
+                f"CPU contention: after {wall:.1f} s of wall time the program had had {run.usage.cpu:.2f} s of CPU "
+                f"and waited {run.usage.waited():.1f} s for one ({run.usage.source}; its limit: {timeout_s:g} s); "
+                "the machine is overloaded"
             )
             logger.warning("Sandbox run not scored: %s.", detail)
             return ExecutionResult("sandbox_error", proc.returncode, stdout, stderr, wall, detail=detail, cpu_s=cpu_s)
@@ -530,10 +549,60 @@ class LocalSandbox:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _tree_usage(root: int) -> tuple[float, float] | None:
-    """(CPU seconds, run-queue wait seconds) of the live processes under `root` (itself included) and of the children
-    they reaped; None where the kernel keeps no run-queue statistics."""
-    cpu = wait = 0.0
+@dataclass(frozen=True)
+class _Usage:
+    """What a program's processes got from the machine since it started, in seconds.
+
+    `cpu`: CPU time, exited processes included. `wait`: time runnable without a CPU. With `exact` (the slot's
+    accounting cgroup: `cpu.stat`, and the wall time `cpu.pressure` says some process of the run waited) both include
+    every process that ever ran; otherwise (/proc) `wait` is that of the live processes only, since the kernel drops a
+    process's run-queue statistics when it is reaped, and `exited_cpu` is the CPU time of the reaped ones, whose wait
+    is then estimated from the live ones' (`live_cpu` of CPU for `wait` of waiting).
+    """
+
+    cpu: float
+    wait: float
+    exact: bool = False
+    exited_cpu: float = 0.0
+    live_cpu: float = 0.0
+
+    @property
+    def source(self) -> str:
+        return "the run's cgroup" if self.exact else "/proc, the exited processes' wait estimated"
+
+    def waited(self) -> float:
+        if self.exact or self.exited_cpu <= 0.0 or self.live_cpu <= 0.0:
+            return self.wait
+        # An exited process is assumed to have waited as long per second of CPU as the live ones: a program that did
+        # its work in short-lived children (8 in turn) looked idle, and so wrong, once they had been reaped.
+        return self.wait + self.exited_cpu * self.wait / self.live_cpu
+
+    def starved(self, elapsed: float) -> bool:
+        """Whether the program wanted the CPU for at least half of `elapsed` (ran or waited for one), rather than sleep
+        or block: then a program short of its CPU budget at the wall limit was held back by the machine."""
+        return self.cpu + self.waited() >= 0.5 * elapsed
+
+
+def _cgroup_usage(path: str | None) -> tuple[float, float] | None:
+    """(CPU seconds, seconds some task waited for a CPU) of a cgroup-v2 group so far, or None where unreadable."""
+    if path is None:
+        return None
+    try:
+        with open(os.path.join(path, "cpu.stat")) as f:
+            usage = next(int(line.split()[1]) for line in f if line.startswith("usage_usec "))
+        with open(os.path.join(path, "cpu.pressure")) as f:
+            some = f.readline().split()
+        if some[0] != "some" or not some[-1].startswith("total="):
+            return None
+        return usage / 1e6, int(some[-1][len("total=") :]) / 1e6
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _tree_usage(root: int) -> _Usage | None:
+    """`_Usage` of the live processes under `root` (itself included) and of the children they reaped, from /proc; None
+    where the kernel keeps no run-queue statistics."""
+    cpu = wait = exited = live = 0.0
     measured = False
     stack, seen = [root], set()
     while stack:
@@ -545,18 +614,22 @@ def _tree_usage(root: int) -> tuple[float, float] | None:
             with open(f"/proc/{pid}/stat") as f:
                 text = f.read()
             fields = text[text.rindex(")") + 2 :].split()
-            cpu += sum(int(x) for x in fields[11:15]) / _CLOCK_TICKS  # utime, stime, cutime, cstime
+            reaped = sum(int(x) for x in fields[13:15]) / _CLOCK_TICKS  # cutime, cstime
+            cpu += sum(int(x) for x in fields[11:13]) / _CLOCK_TICKS + reaped  # + utime, stime
+            exited += reaped
             tids = os.listdir(f"/proc/{pid}/task")
         except (OSError, ValueError):
             continue
         for tid in tids:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    wait += int(f.read().split()[1]) / 1e9
+                    on_cpu, waiting = (int(x) / 1e9 for x in f.read().split()[:2])
+                live += on_cpu
+                wait += waiting
                 measured = True
             with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{tid}/children") as f:
                 stack.extend(int(child) for child in f.read().split())
-    return (cpu, wait) if measured else None
+    return _Usage(cpu, wait, exited_cpu=exited, live_cpu=live) if measured else None
 
 
 class _Run:
@@ -570,7 +643,9 @@ class _Run:
         self.init_pidfd: int | None = None
         self.exec_started = False
         self.status_error = ""
-        self.usage: tuple[float, float] | None = None
+        self.usage: _Usage | None = None
+        self.accounting: tuple[str, tuple[float, float]] | None = None  # (cgroup, its figures before the start)
+        self.accounted: tuple[float, float] | None = None  # the bootstrap's (CPU, wait) before it joined that cgroup
 
     def _on_status(self, chunk: bytes) -> None:
         self.status_buffer += chunk
@@ -582,6 +657,10 @@ class _Run:
                     self.init_pidfd = os.pidfd_open(int(text[4:]))
             elif text == "EXEC":
                 self.exec_started = True
+            elif text.startswith("ACCT "):
+                with contextlib.suppress(ValueError):
+                    cpu_ns, wait_ns = (int(x) for x in text[5:].split())
+                    self.accounted = (cpu_ns / 1e9, wait_ns / 1e9)
             elif text.startswith("ERR "):
                 self.status_error = text[4:]
 
@@ -601,26 +680,46 @@ class _Run:
                 self.proc.wait(timeout=5.0)
         with contextlib.suppress(OSError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.cgroup is not None and self.init_pidfd is None:
-            # No pid namespace (`none`, or bwrap once it is gone): what left the session is still in the cgroup.
-            for pid in cgroup_pids(self.cgroup):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+        if self.init_pidfd is None:
+            # No pid namespace (`none`, or bwrap once it is gone): what left the session is still in the slot's
+            # cgroups, the pids one (as root) and the accounting one (where cgroup v2 is writable). A leftover in the
+            # latter would also be counted as the next program's CPU time.
+            for path in (self.cgroup, self._joined_accounting()):
+                for pid in cgroup_pids(path) if path is not None else ():
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+
+    def _joined_accounting(self) -> str | None:
+        return self.accounting[0] if self.accounting is not None and self.accounted is not None else None
 
     def wait_until_empty(self) -> None:
-        """Without a pidfd (bwrap), wait for the slot's cgroup to empty (after the bootstrap was reaped)."""
+        """Without a pidfd (bwrap, `none`), wait for the slot's cgroups to empty (after the bootstrap was reaped)."""
+        deadline = time.monotonic() + 10.0
         if self.cgroup is not None:
-            deadline = time.monotonic() + 10.0
             while time.monotonic() < deadline and _cgroup_tasks(self.cgroup) > 0:
                 time.sleep(0.01)
+        accounting = self._joined_accounting()
+        if accounting is not None and self.init_pidfd is None:
+            while time.monotonic() < deadline and cgroup_pids(accounting):
+                time.sleep(0.01)
+
+    def measure(self) -> _Usage | None:
+        """The run's usage so far: exact from its accounting cgroup where the bootstrap joined one (plus the bootstrap's
+        start-up before it joined), else from /proc."""
+        if self._joined_accounting() is not None:
+            path, (cpu0, wait0) = self.accounting
+            now = _cgroup_usage(path)
+            if now is not None:
+                cpu, wait = now[0] - cpu0 + self.accounted[0], now[1] - wait0 + self.accounted[1]
+                return _Usage(cpu, wait, exact=True)
+        return _tree_usage(self.proc.pid)
 
     def _over_time(self, elapsed: float, budget: float, final: bool) -> str | None:
         """At or past the wall limit: `"timeout"`, `"contention"`, or None to let a CPU-starved program go on."""
-        self.usage = _tree_usage(self.proc.pid)
+        self.usage = self.measure()
         if self.usage is None or not self.exec_started:
             return "timeout"
-        cpu, wait = self.usage
-        if cpu >= budget or cpu + wait < 0.5 * elapsed:
+        if self.usage.cpu >= budget or not self.usage.starved(elapsed):
             return "timeout"  # it had its CPU time, or it did not want it (asleep, blocked)
         return "contention" if final else None
 
@@ -640,10 +739,17 @@ class _Run:
             proc.stdin.close()
         deadline, backstop = start + budget, start + budget * max(1.0, grace)
         verdict = None
+        draining = False
         try:
             while verdict is None:
                 now = time.monotonic()
                 if now >= deadline:
+                    if not draining and proc.poll() is not None:
+                        # It exited on its own (a late wake-up of this thread, not a slow program): read what it
+                        # wrote instead of judging it. Pipes a background child still holds are judged after 1 s.
+                        draining = True
+                        deadline = now + 1.0
+                        continue
                     verdict = self._over_time(now - start, budget, now >= backstop)
                     deadline = min(now + 0.2, backstop)
                     continue
@@ -749,12 +855,62 @@ def _make_pids_cgroups(count: int, max_tasks: int) -> list[str | None]:
     return paths
 
 
+def _cgroup2_home() -> str | None:
+    """This process's own cgroup-v2 directory (where it can be written), under which the accounting cgroups go: the
+    programs then stay inside the trainer's cgroup and its limits. None without a cgroup-v2 mount or write access."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next(line.rstrip("\n")[3:] for line in f if line.startswith("0::"))
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except (OSError, StopIteration):
+        return None
+    for fields in mounts:
+        if "-" not in fields:
+            continue
+        fstype = fields[fields.index("-") + 1]
+        root, mount_point = fields[3], fields[4]
+        if fstype == "cgroup2" and (own == root or own.startswith(root.rstrip("/") + "/")):
+            home = os.path.normpath(os.path.join(mount_point, os.path.relpath(own, root)))
+            return home if os.access(home, os.W_OK) else None
+    return None
+
+
+def _make_accounting_cgroups(count: int) -> list[str | None]:
+    """One cgroup-v2 group per slot, under this process's own, whose `cpu.stat` and `cpu.pressure` (PSI) give the CPU
+    time and run-queue wait of every process of a run, exited ones included (see `_Usage`); `[None] * count` where
+    that is unavailable (no cgroup v2 or PSI, no write access: then the figures come from /proc). Only counters: no
+    controller is enabled, so the programs keep the trainer's limits. Locked, removed and swept as the pids cgroups.
+    """
+    home = _cgroup2_home()
+    if home is None:
+        return [None] * count
+    _sweep_stale_cgroups(home, _ACCT_PREFIX)
+    paths: list[str | None] = []
+    try:
+        for slot in range(count):
+            path = os.path.join(home, f"{_ACCT_PREFIX}{os.getpid()}-{next(_cgroup_ids)}-{slot}")
+            os.mkdir(path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _owner().add_cgroup(path, fd)
+            paths.append(path)
+            if _cgroup_usage(path) is None:
+                raise OSError(f"no cpu.stat / cpu.pressure in {path}")
+    except OSError:
+        _remove_cgroups(paths)
+        return [None] * count
+    atexit.register(_remove_cgroups, list(paths), os.getpid())
+    return paths
+
+
 def _remove_cgroups(paths, owner: int | None = None) -> None:
     if owner is not None and owner != os.getpid():  # a forked child must not remove its parent's cgroups
         return
     for path in paths:
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 _IPC_RMID = 0
