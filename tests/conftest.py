@@ -42,6 +42,18 @@ def tiny_model_path(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def vllm_model_path(tmp_path_factory):
+    """The same builder with a head size that vLLM's CPU attention serves (64 / 2 = 32; it rejects 8)."""
+    path = tmp_path_factory.mktemp("tiny-qwen2-vllm")
+    torch.manual_seed(0)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer, hidden_size=64, num_heads=2, num_kv_heads=1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def arithmetic_dataset():
     """Eight conversational prompts with a `solution` column, the shape TRL's math rewards read."""
