@@ -78,6 +78,7 @@ def worker(name: str, args) -> dict:
     from trl_flowrl.recipe import parse_recipe_args
     from trl_flowrl.rewards import MathAccuracyReward
     from trl_flowrl.tasks import arithmetic_dataset, embedded_model_path
+    from trl_flowrl.vllm_cpu import keep_cpu_weights_loadable
 
     torch.set_num_threads(args.num_threads)
     config_cls, trainer_cls, yaml_name = {
@@ -100,10 +101,13 @@ def worker(name: str, args) -> dict:
         overrides += ["--bf16=true", "--dataloader_pin_memory=true"]
     else:
         overrides.append("--use_cpu=true")
+    if args.use_vllm:
+        overrides += ["--use_vllm=true", "--vllm_mode=colocate"]
     with tempfile.TemporaryDirectory() as output_dir:
         _, training_args, _ = parse_recipe_args(
             config_cls, EMBEDDED / f"{yaml_name}_arithmetic.yaml", argv=[*overrides, f"--output_dir={output_dir}"]
         )
+        keep_cpu_weights_loadable(training_args)  # vLLM's CPU build only
         trainer = trainer_cls(
             model=args.model or embedded_model_path(),
             processing_class=AutoTokenizer.from_pretrained(args.model or embedded_model_path()),
@@ -190,6 +194,11 @@ def main():
     parser.add_argument(
         "--output-dir", "--output_dir", dest="output_dir", default=str(REPO / "benchmarks" / "results")
     )
+    parser.add_argument(
+        "--use_vllm",
+        action="store_true",
+        help="generate with vLLM in colocate mode (the engine's start-up falls in the warm-up steps)",
+    )
     parser.add_argument("--smoke", action="store_true", help="1 round of 2 steps, to check that the script runs")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,7 +282,7 @@ def main():
         "versions": package_versions(),
         "settings": {
             k: getattr(args, k)
-            for k in ("model_shape", "steps", "warmup", "rounds", "batch_size", "num_threads", "seed")
+            for k in ("model_shape", "steps", "warmup", "rounds", "batch_size", "num_threads", "seed", "use_vllm")
         }
         | {"model": None if args.model_shape else args.model, "trainer_flags": TRAINER_FLAGS},
         "wall_time_s": time.perf_counter() - start,
@@ -287,7 +296,7 @@ def main():
         import torch
 
         report["machine"] += f", {torch.cuda.get_device_name(0)}"
-    stem = "overhead" if args.device == "cpu" else f"overhead_{args.device}"
+    stem = ("overhead" if args.device == "cpu" else f"overhead_{args.device}") + ("_vllm" if args.use_vllm else "")
     (output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     plot(summary, output_dir / f"{stem}.png")
     print(f"\nwrote {output_dir / stem}.json and {stem}.png")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark 1 on a GPU: GRPO, GRPO + KL, FlowRL (official, matching, matching with the log Z head) and ExGRPO, a
-# randomly initialised model of Qwen2.5-0.5B's shape in bf16, step time and peak memory (bench_overhead.py).
+# randomly initialised model of Qwen2.5-0.5B's shape in bf16, step time and peak memory (bench_overhead.py); then the
+# same with vLLM colocate generation where vLLM is installed.
 #
 #   bash benchmarks/gpu_overhead.sh --download   # here, with registry access: the wheels the GPU machine lacks, in .whl/
 #   bash benchmarks/gpu_overhead.sh              # there (torch, transformers, accelerate, peft, pandas, pyarrow present)
@@ -29,3 +30,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 benchmarks/bench_overhead.py --device cuda --model-shape qwen2.5-0.5b --num_threads 8 \
     --steps 10 --warmup 2 --rounds 2 --output-dir "${OUT:-benchmarks/results}"
+# The same with vLLM colocate generation, where vLLM is installed (the lent GPU machines have none, and its wheels are
+# too large to carry): overhead_cuda_vllm.json/png.
+if python3 -c "import vllm" 2>/dev/null; then
+    python3 benchmarks/bench_overhead.py --device cuda --model-shape qwen2.5-0.5b --num_threads 8 \
+        --steps 10 --warmup 2 --rounds 2 --use_vllm --output-dir "${OUT:-benchmarks/results}"
+else
+    echo "vLLM is not installed here: the vLLM colocate arm of benchmark 1 is skipped."
+fi
