@@ -612,8 +612,9 @@ def test_state_file_checks_tell_damage_from_other_problems(tmp_path):
 
 @pytest.mark.multiprocess
 def test_a_checkpoint_written_by_one_process_resumes_with_two(tiny_model_path, tmp_path, official_checkpoint):
-    # The checkpoint was written by one process; two resume it. Each rank's head, right after the checkpoint is loaded,
-    # must be the saved one (not the fresh head it was built with), and training goes on from there.
+    # The checkpoint was written by one process; two resume it, and only rank 0 can see the saved state. Each rank's
+    # head, right after the checkpoint is loaded, must be the saved one (not the fresh head it was built with), and
+    # training goes on from there.
     script = tmp_path / "resume_ddp.py"
     script.write_text(RESUME_DDP_SCRIPT)
     run_distributed(script, tiny_model_path, str(official_checkpoint), str(tmp_path))
@@ -628,11 +629,15 @@ def test_a_checkpoint_written_by_one_process_resumes_with_two(tiny_model_path, t
 
 
 RESUME_DDP_SCRIPT = """
+import os
 import sys
+import zipfile
+
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl_flowrl import FlowRLConfig, FlowRLTrainer
+from trl_flowrl.flowrl.flowrl_trainer import LOG_Z_STATE_NAME
 
 model_path, checkpoint, out = sys.argv[1:4]
 
@@ -656,7 +661,32 @@ trainer = FlowRLTrainer(
     model=model_path, reward_funcs=count_digits, args=args, train_dataset=dataset, callbacks=[record]
 )
 fresh_head = {k: v.clone() for k, v in trainer.log_z_head.state_dict().items()}
+
+# Only the main process may see the saved state: the others behave as if it lived on another machine's disk (storage
+# not shared, a stale NFS cache), so they must take the main process's verdict rather than look for themselves.
+def hidden(path):
+    return trainer.accelerator.process_index != 0 and str(path).endswith(LOG_Z_STATE_NAME)
+
+
+original_isfile, original_load, original_zipfile = os.path.isfile, torch.load, zipfile.ZipFile
+
+
+def load(path, *args, **kwargs):
+    if hidden(path):
+        raise FileNotFoundError(path)
+    return original_load(path, *args, **kwargs)
+
+
+def open_zip(path, *args, **kwargs):
+    if hidden(path):
+        raise FileNotFoundError(path)
+    return original_zipfile(path, *args, **kwargs)
+
+
+os.path.isfile = lambda path: original_isfile(path) and not hidden(path)
+torch.load, zipfile.ZipFile = load, open_zip
 trainer.train(resume_from_checkpoint=checkpoint)
+os.path.isfile, torch.load, zipfile.ZipFile = original_isfile, original_load, original_zipfile
 first_parameter = next(trainer.log_z_head.parameters())
 torch.save(
     {

@@ -466,28 +466,22 @@ class FlowRLTrainer(GRPOTrainer):
         if checkpoint is None:
             return
         path = os.path.join(checkpoint, LOG_Z_STATE_NAME)
-        if not os.path.isfile(path):
-            written_by = saved_config_class(checkpoint)
-            if written_by == type(self.args).__name__:
-                raise FileNotFoundError(
-                    f"{checkpoint} was written by FlowRLTrainer but has no {LOG_Z_STATE_NAME} (the log Z head and the "
-                    "settings of the run): the save was interrupted or the file was removed. Resume from an earlier, "
-                    "complete checkpoint."
-                )
-            if self.log_z_head is not None:
-                logger.warning(
-                    f"{path} not found: resuming with a freshly initialised log Z head. This is expected when resuming "
-                    f"from a checkpoint that FlowRLTrainer did not write (this one was written with "
-                    f"{written_by or 'unknown arguments'})."
-                )
-            return
-        # One process reads the file and the others receive it, so every rank takes the same branch below.
-        message = [_read_state(path) if self.accelerator.is_main_process else None]
+        # The main process alone looks at the checkpoint and broadcasts its verdict: a rank that saw the file
+        # differently (storage not shared, a stale NFS cache) would otherwise raise or return while the others wait in
+        # the broadcast.
+        message = [self._read_flowrl_state(checkpoint, path) if self.accelerator.is_main_process else None]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(message, from_process=0)
-        if isinstance(message[0], str):
-            raise ValueError(message[0])
-        state = message[0]
+        verdict, payload = message[0]
+        if verdict == "missing":
+            raise FileNotFoundError(payload)
+        if verdict == "unreadable":
+            raise ValueError(payload)
+        if verdict == "absent":
+            if self.log_z_head is not None:
+                logger.warning(payload)
+            return
+        state = payload
         self._check_resume_settings(path, state)
         if self.log_z_head is None:
             return
@@ -497,6 +491,25 @@ class FlowRLTrainer(GRPOTrainer):
         self.log_z_optimizer.load_state_dict(state["optimizer"])
         if state["scheduler"] is not None and self.log_z_scheduler is not None:
             self.log_z_scheduler.load_state_dict(state["scheduler"])
+
+    def _read_flowrl_state(self, checkpoint: str, path: str) -> tuple[str, object]:
+        """On the main process: ("state", the state), or a verdict and its message ("missing", "unreadable", "absent":
+        a checkpoint FlowRLTrainer did not write)."""
+        if not os.path.isfile(path):
+            written_by = saved_config_class(checkpoint)
+            if written_by == type(self.args).__name__:
+                return "missing", (
+                    f"{checkpoint} was written by FlowRLTrainer but has no {LOG_Z_STATE_NAME} (the log Z head and the "
+                    "settings of the run): the save was interrupted or the file was removed. Resume from an earlier, "
+                    "complete checkpoint."
+                )
+            return "absent", (
+                f"{path} not found: resuming with a freshly initialised log Z head. This is expected when resuming "
+                f"from a checkpoint that FlowRLTrainer did not write (this one was written with "
+                f"{written_by or 'unknown arguments'})."
+            )
+        state = _read_state(path)
+        return ("unreadable", state) if isinstance(state, str) else ("state", state)
 
     def _check_saved_head(self, path: str, saved: dict) -> None:
         """The saved head must fit this run's head: same hidden size (that of the policy), same layers. The two
