@@ -487,6 +487,73 @@ def test_evaluation_estimates_log_z_per_prompt(
         assert min(losses) > 0.5
 
 
+def test_direct_evaluation_of_partial_groups_is_refused(tiny_model_path, tmp_path, arithmetic_dataset):
+    # No evaluation is scheduled, so the config does not check the evaluation batch: trainer.evaluate() must, before
+    # estimating log Z from half of each prompt's completions.
+    trainer = make_trainer(
+        tiny_model_path,
+        tmp_path,
+        arithmetic_dataset,
+        objective="matching",
+        num_generations=4,
+        num_generations_eval=4,
+        per_device_eval_batch_size=2,
+    )
+    assert trainer.args.eval_strategy == "no" and trainer.args.log_z_estimate == "group"
+    generated = []
+    generate = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: generated.append(inputs) or generate(inputs)
+    with pytest.raises(ValueError, match=r"holds 2 completions .* Set per_device_eval_batch_size to a multiple of 4"):
+        trainer.evaluate(eval_dataset=arithmetic_dataset.select(range(2)))
+    assert len(generated) == 1  # refused at the first batch
+
+
+@pytest.mark.multiprocess
+def test_evaluation_groups_split_across_processes_are_refused(tiny_model_path, tmp_path):
+    # Two processes, two completions each, four per prompt: the global batch holds whole groups (TRL's reshape works),
+    # but each process would estimate log Z from half a group. Every rank must refuse, before any collective.
+    script = tmp_path / "eval_split.py"
+    script.write_text(EVAL_SPLIT_SCRIPT)
+    run_distributed(script, tiny_model_path, str(tmp_path))
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "holds 2 completions on this process" in message, message
+        assert "Set per_device_eval_batch_size to a multiple of 4" in message
+
+
+EVAL_SPLIT_SCRIPT = """
+import sys
+
+from datasets import Dataset
+from trl_flowrl import FlowRLConfig, FlowRLTrainer
+
+model_path, out = sys.argv[1:3]
+
+
+def constant(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}+{a}="}]} for a in range(8)])
+args = FlowRLConfig(
+    output_dir=out, per_device_train_batch_size=4, num_generations=4, num_generations_eval=4,
+    per_device_eval_batch_size=2, max_completion_length=8, objective="matching", use_cpu=True, bf16=False,
+    report_to="none", seed=0,
+)
+trainer = FlowRLTrainer(
+    model=model_path, reward_funcs=constant, args=args, train_dataset=dataset
+)
+try:
+    trainer.evaluate(eval_dataset=dataset.select(range(2)))
+    message = "evaluated"
+except ValueError as error:
+    message = str(error)
+with open(f"{out}/rank{trainer.accelerator.process_index}.txt", "w") as f:
+    f.write(message)
+trainer.accelerator.end_training()
+"""
+
+
 # -- checkpoints: written before push and rotation, checked on resume --------------------------------------------------
 
 

@@ -262,6 +262,10 @@ class FlowRLTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        if self.args.log_z_estimate == "group" and not self.model.training:
+            # The config checks the evaluation batch only when evaluation is scheduled (do_eval); a direct
+            # trainer.evaluate() gets here unchecked, and a batch of partial groups would be grouped wrongly in silence.
+            self._check_whole_eval_groups(len(inputs))
         output = super()._generate_and_score_completions(inputs)
         rewards_per_func = self._last_rewards_per_func  # (B_global, num_reward_funcs), gathered over processes
         local = output["prompt_ids"].size(0)
@@ -281,6 +285,17 @@ class FlowRLTrainer(GRPOTrainer):
                 # The loss will see parts of groups: estimate log Z now, from the sampling policy's log-probs.
                 output["flowrl_log_z"] = self._group_log_z_at_generation(output, group)
         return output
+
+    def _check_whole_eval_groups(self, local_rows: int) -> None:
+        group_size = self.num_generations_eval
+        if local_rows % group_size != 0:
+            raise ValueError(
+                f"log_z_estimate='group' estimates log Z from each prompt's completions on its own process, but this "
+                f"evaluation batch holds {local_rows} completions on this process, not a multiple of the "
+                f"{group_size} completions per prompt (num_generations_eval, or num_generations when unset). Set "
+                f"per_device_eval_batch_size to a multiple of {group_size}, or num_generations_eval to a divisor of "
+                f"per_device_eval_batch_size ({self.args.per_device_eval_batch_size})."
+            )
 
     @torch.no_grad()
     def _group_log_z_at_generation(self, output, group):
