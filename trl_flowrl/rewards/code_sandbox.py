@@ -19,7 +19,7 @@ limit is judged from the CPU time its processes had and the time they waited for
 exited processes included: from the slot's accounting cgroup where one can be made (cgroup v2 with PSI, write access:
 `cpu.stat` and `cpu.pressure`, exact), else from /proc (the live processes' and threads' /proc/<pid>/schedstat, and
 the CPU time of the reaped ones, whose wait the kernel no longer keeps and which is estimated at the live processes'
-wait per second of CPU):
+wait per second of CPU, that CPU counted as at least 50 ms):
 - it used its CPU budget, or it slept or was blocked for at least half of the wall time (`time.sleep` forever, a
   deadlock): `timeout`, the program's fault;
 - otherwise it wanted the CPU and the machine did not give it (the trainer, other programs, other jobs): it keeps
@@ -547,6 +547,9 @@ class LocalSandbox:
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The least CPU time over which the live processes' wait per CPU second is trusted as the exited ones' (see `_Usage`):
+# about what the bootstrap and a Python program's start-up take, below which a parent's CPU is mostly wake-ups.
+_MIN_RATE_CPU_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -571,11 +574,16 @@ class _Usage:
         return "the run's cgroup" if self.exact else "/proc, the exited processes' wait estimated"
 
     def waited(self) -> float:
-        if self.exact or self.exited_cpu <= 0.0 or self.live_cpu <= 0.0:
+        if self.exact or self.exited_cpu <= 0.0:
             return self.wait
         # An exited process is assumed to have waited as long per second of CPU as the live ones: a program that did
-        # its work in short-lived children (8 in turn) looked idle, and so wrong, once they had been reaped.
-        return self.wait + self.exited_cpu * self.wait / self.live_cpu
+        # its work in short-lived children (8 in turn) looked idle, and so wrong, once they had been reaped. The rate
+        # is taken over at least _MIN_RATE_CPU_S of CPU: live processes that mostly sleep or block have little CPU,
+        # and their wake-up latencies divided by a few ms of it made tens of seconds of wait per CPU second, so a
+        # program that sleeps or deadlocks after its children exited was held to the grace and skipped, not timed
+        # out. No fixed cap on the rate: a cap R would score 0 a correct program working in children that the
+        # machine gives less than 1/(2R + 2) of a CPU (a rate of 10 was measured beside 12 busy loops on 2 cores).
+        return self.wait + self.exited_cpu * self.wait / max(self.live_cpu, _MIN_RATE_CPU_S)
 
     def starved(self, elapsed: float) -> bool:
         """Whether the program wanted the CPU for at least half of `elapsed` (ran or waited for one), rather than sleep
