@@ -569,8 +569,7 @@ def register_telemetry(text: str, path: Path, trainers: list[str]) -> str | None
             continue
         # TRL lists the stable trainers, then, after a `# Experimental` comment, the experimental ones.
         marker = next(
-            (i + 1 for i in range(node.lineno, node.end_lineno) if lines[i - 1].strip().lower() == "# experimental"),
-            0,
+            (i for i in range(node.lineno, node.end_lineno) if lines[i - 1].strip().lower() == "# experimental"), 0
         )
         section = [e for e in elements if e.lineno > marker] or elements
         following = next((e for e in section if e.value.lower() > trainer.lower()), None)

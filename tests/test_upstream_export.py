@@ -422,6 +422,22 @@ def test_trainers_join_trls_telemetry_allowlist_among_the_experimental_ones(expo
         export.register_telemetry('_TELEMETRY_TRAINERS = {"GRPOTrainer", "SFTTrainer"}\n', where, ["FlowRLTrainer"])
 
 
+def test_telemetry_insertion_counts_the_first_experimental_entry_in_its_section():
+    export = load_script()
+    where = Path("base_trainer.py")
+    stable = '_TELEMETRY_TRAINERS = {\n    "GRPOTrainer",\n    "SFTTrainer",\n    # Experimental\n'
+    # A name that sorts before the first experimental entry goes before it, not after it.
+    text = stable + '    "BCOTrainer",\n    "GKDTrainer",\n}\n'
+    assert export.register_telemetry(text, where, ["AlphaTrainer"]) == (
+        stable + '    "AlphaTrainer",\n    "BCOTrainer",\n    "GKDTrainer",\n}\n'
+    )
+    # A section of one entry is a section: the new names join it, in order, never the stable list above it.
+    text = stable + '    "KTOTrainer"\n}\n'
+    assert export.register_telemetry(text, where, ["FlowRLTrainer", "ZTrainer"]) == (
+        stable + '    "FlowRLTrainer",\n    "KTOTrainer",\n    "ZTrainer",\n}\n'
+    )
+
+
 def test_exported_trainers_train_from_trl_experimental(exported, tiny_model_path, tmp_path):
     env = checkout_env(exported)
     env.pop("CI", None)  # TRL skips its telemetry on CI
