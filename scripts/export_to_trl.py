@@ -646,8 +646,11 @@ def check_target(root: Path, relative: Path, folder: bool):
                 "whatever it points to. Remove the link (the export then writes a real "
                 f"{'folder' if folder else 'file'} there) and run again."
             )
-    if not path.parent.is_dir():
-        raise ExportError(f"{path.parent} is not a folder; the export writes {relative} into it.")
+    existing = path.parent
+    while not existing.exists():  # missing folders are created when writing (and removed again on failure)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"{existing} is not a folder; the export writes {relative} under it.")
     if folder and path.exists() and not path.is_dir():
         raise ExportError(f"{path} is not a folder, and the export writes the folder {relative} there; move it away.")
     if not folder and path.exists() and not path.is_file():
@@ -676,17 +679,20 @@ def _remove(path: Path):
 
 def write_checkout(root: Path, folders: dict[Path, dict[Path, str]], files: dict[Path, str]) -> list[str]:
     """Write everything or change nothing. Each target is first written beside itself under a hidden name; then every
-    target is moved aside and its new version moved in (renames within one folder). Any failure moves the old
-    versions back. Returns notes (backups that could not be removed after success)."""
+    target is moved aside and its new version moved in (renames within one folder). Missing parent folders are created
+    first. Any failure moves the old versions back and removes the created folders. Returns notes (backups that could
+    not be removed after success)."""
     token = secrets.token_hex(4)
 
     def aside(path: Path, kind: str) -> Path:
         return path.with_name(f".{path.name}.export-{kind}-{token}")
 
     staged = []  # (new version, target); only what this call created, so that discarding it never loses anything
+    created = []  # parent folders this call created, outermost first
     try:
         for relative, contents in folders.items():
             target = root / relative
+            _make_parents(target, created)
             new = aside(target, "new")
             new.mkdir()
             staged.append((new, target))
@@ -695,6 +701,7 @@ def write_checkout(root: Path, folders: dict[Path, dict[Path, str]], files: dict
                 _write_new(new / inner, text)
         for relative, text in files.items():
             target = root / relative
+            _make_parents(target, created)
             new = aside(target, "new")
             _write_new(new, text)
             staged.append((new, target))
@@ -702,12 +709,14 @@ def write_checkout(root: Path, folders: dict[Path, dict[Path, str]], files: dict
                 shutil.copymode(target, new)
     except OSError as error:
         _discard(new for new, _ in staged)
+        _discard_folders(created)
         raise ExportError(
             f"cannot write {error.filename or 'into the checkout'}: {error.strerror}. Make the checkout writable "
             "(and free space) and run again."
         ) from None
     except BaseException:
         _discard(new for new, _ in staged)
+        _discard_folders(created)
         raise
 
     moved = []  # (target, its old version moved aside, or None where there was none)
@@ -721,6 +730,7 @@ def write_checkout(root: Path, folders: dict[Path, dict[Path, str]], files: dict
     except BaseException as error:
         failures = _roll_back(moved)
         _discard(new for new, _ in staged)
+        _discard_folders(created)
         if failures:
             raise RestoreError(
                 f"writing failed ({error!r}), and these could not be put back: " + "; ".join(failures)
@@ -746,6 +756,24 @@ def _discard(paths):
         # Best effort: a staged copy under a hidden name, never a file of the checkout.
         with contextlib.suppress(OSError):
             _remove(path)
+
+
+def _make_parents(path: Path, created: list[Path]):
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        folder.mkdir()
+        created.append(folder)
+
+
+def _discard_folders(created: list[Path]):
+    for folder in reversed(created):
+        # rmdir removes only an empty folder: whatever someone else put there since is kept, with its folder.
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _roll_back(moved: list[tuple[Path, Path | None]]) -> list[str]:

@@ -708,3 +708,55 @@ def test_a_failure_part_way_through_writing_puts_everything_back(previous_export
     ).read_text()
     hidden = [p for p in previous_export.rglob(".*export-*")]
     assert hidden == []
+
+
+def test_missing_parent_folders_are_created_and_removed_again_on_failure(tmp_path, monkeypatch):
+    export = load_script()
+    root = tmp_path / "checkout"
+    (root / "docs").mkdir(parents=True)
+    (root / "docs/page.md").write_text("old\n")
+    folders = {Path("trl/experimental/newalgo"): {Path("__init__.py"): "X = 1\n", Path("sub/mod.py"): "Y = 2\n"}}
+    files = {Path("docs/page.md"): "new\n", Path("tests/experimental/test_new.py"): "def test_new():\n    pass\n"}
+    for relative in folders:
+        export.check_target(root, relative, folder=True)
+    for relative in files:
+        export.check_target(root, relative, folder=False)
+    before = tree_state(tmp_path)
+
+    # A failure while staging (the last file), then each rename failing in turn: the created folders go again.
+    write_new = export._write_new
+
+    def write_failing_on_the_test(path, text):
+        if path.name.startswith(".test_new.py"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write_new(path, text)
+
+    monkeypatch.setattr(export, "_write_new", write_failing_on_the_test)
+    with pytest.raises(export.ExportError, match="No space left on device"):
+        export.write_checkout(root, folders, files)
+    assert tree_state(tmp_path) == before
+    monkeypatch.setattr(export, "_write_new", write_new)
+    rename = os.rename
+    for failing in range(1, 5):  # 3 targets: 4 renames, the one that exists being moved aside first
+        calls = []
+
+        def rename_failing(source, destination, calls=calls, failing=failing):
+            calls.append(source)
+            if len(calls) == failing:
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(source))
+            rename(source, destination)
+
+        monkeypatch.setattr(os, "rename", rename_failing)
+        with pytest.raises(export.ExportError, match="Input/output error"):
+            export.write_checkout(root, folders, files)
+        monkeypatch.setattr(os, "rename", rename)
+        assert tree_state(tmp_path) == before, f"rename {failing}"
+
+    assert export.write_checkout(root, folders, files) == []
+    assert (root / "trl/experimental/newalgo/sub/mod.py").read_text() == "Y = 2\n"
+    assert (root / "tests/experimental/test_new.py").read_text() == "def test_new():\n    pass\n"
+    assert (root / "docs/page.md").read_text() == "new\n"
+
+    (root / "notes").write_text("a file where a folder goes\n")
+    with pytest.raises(export.ExportError, match=r"checkout/notes is not a folder; the export writes notes/a/b.md"):
+        export.check_target(root, Path("notes/a/b.md"), folder=False)
