@@ -454,13 +454,50 @@ def cgroup_pids(path: str) -> list[int]:
         return []
 
 
+def kill_cgroup(path: str) -> None:
+    """SIGKILL every process in the cgroup `path`, never a process outside it.
+
+    cgroup v2's `cgroup.kill` (Linux 5.14+) does it in the kernel, forks under way included. Elsewhere (cgroup v1, an
+    older kernel) each pid read from `cgroup.procs` is signalled only through a pidfd opened before the list is read
+    again and found still there: a pid signalled straight from the first list could by then belong to an unrelated
+    process (its own exited and the number was reused).
+    """
+    try:
+        fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY)  # no O_CREAT: absent outside cgroup v2
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            os.write(fd, b"1")
+            return
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    pidfds = {}
+    try:
+        for pid in cgroup_pids(path):
+            try:
+                pidfds[pid] = os.pidfd_open(pid)
+            except OSError as exc:
+                if exc.errno == errno.ENOSYS:  # Linux < 5.3: no race-free way to signal, only the plain kill
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+        for pid in cgroup_pids(path):
+            if pid in pidfds:  # the pidfd holds that process: still in the group, so that one is a member
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfds[pid], signal.SIGKILL)
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+
+
 def remove_cgroup(path: str, wait_s: float = 5.0) -> bool:
-    """SIGKILL whatever is left in a pids cgroup, wait for it to empty, remove it. Returns whether it is gone."""
+    """SIGKILL whatever is left in a cgroup (see `kill_cgroup`), wait for it to empty, remove it. Returns whether it is
+    gone."""
     deadline = time.monotonic() + wait_s
     while os.path.isdir(path):
-        for pid in cgroup_pids(path):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_cgroup(path)
         try:
             os.rmdir(path)
             return True

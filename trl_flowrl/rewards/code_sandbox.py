@@ -95,7 +95,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ._sandbox_boot import cgroup_pids, lock_is_free, remove_cgroup, remove_tree
+from ._sandbox_boot import cgroup_pids, kill_cgroup, lock_is_free, remove_cgroup, remove_tree
 
 
 logger = logging.getLogger(__name__)
@@ -693,9 +693,8 @@ class _Run:
             # cgroups, the pids one (as root) and the accounting one (where cgroup v2 is writable). A leftover in the
             # latter would also be counted as the next program's CPU time.
             for path in (self.cgroup, self._joined_accounting()):
-                for pid in cgroup_pids(path) if path is not None else ():
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
+                if path is not None:
+                    kill_cgroup(path)
 
     def _joined_accounting(self) -> str | None:
         return self.accounting[0] if self.accounting is not None and self.accounted is not None else None
