@@ -2,6 +2,8 @@
 death of the trainer and CPU contention (issue 11, items 1-5, 7, 8)."""
 
 import contextlib
+import fcntl
+import functools
 import os
 import secrets
 import shutil
@@ -536,6 +538,41 @@ def test_cgroup_kill_never_signals_a_pid_that_left_the_group(tmp_path, monkeypat
         for process in (member, stranger):
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("kind", ["pids", "accounting"])
+def test_a_sweep_between_mkdir_and_lock_does_not_take_a_new_cgroup(kind, monkeypatch):
+    # Two trainers starting at once (DDP ranks of one node, one cgroup): B's sweep of stale groups may look at A's
+    # new group after A's mkdir and before A's flock, find it unlocked and remove it. A must still end up with
+    # groups of its own, not fall back to none (no process cap; /proc's estimates instead of the cgroup's figures).
+    if kind == "pids":
+        if os.geteuid() != 0 or not os.path.isdir(_CGROUP_V1_PIDS):
+            pytest.skip("pids cgroups are made as root on cgroup v1 only")
+        parent, prefix = _CGROUP_V1_PIDS, _CGROUP_PREFIX
+        make = functools.partial(code_sandbox._make_pids_cgroups, 2, 10)
+    else:
+        parent, prefix = code_sandbox._cgroup2_home(), code_sandbox._ACCT_PREFIX
+        if parent is None:
+            pytest.skip("no writable cgroup v2 here")
+        make = functools.partial(code_sandbox._make_accounting_cgroups, 2)
+    real_flock, swept = code_sandbox.fcntl.flock, []
+
+    def flock_after_another_sweep(fd, operation):
+        if operation == code_sandbox.fcntl.LOCK_EX and not swept:  # A's first lock: B's sweep gets there first
+            swept.append(os.readlink(f"/proc/self/fd/{fd}"))
+            code_sandbox._sweep_stale_cgroups(parent, prefix)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(
+        code_sandbox, "fcntl", types.SimpleNamespace(**{**vars(fcntl), "flock": flock_after_another_sweep})
+    )
+    paths = make()
+    try:
+        assert swept and not os.path.exists(swept[0])  # the race happened: the first group was taken
+        assert all(path is not None and os.path.isdir(path) for path in paths), paths
+        assert not any(map(_sandbox_boot.lock_is_free, paths))  # locked, so no later sweep takes them either
+    finally:
+        code_sandbox._remove_cgroups(paths)
 
 
 def test_leftovers_of_a_dead_trainer_are_removed_at_the_next_start(tmp_path):

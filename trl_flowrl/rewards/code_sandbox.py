@@ -288,10 +288,23 @@ def _sweep_stale_dirs(work_root: str) -> None:
 
 
 def _sweep_stale_cgroups(parent: str = _CGROUP_V1_PIDS, prefix: str = _CGROUP_PREFIX) -> None:
+    """Remove the cgroups whose trainer is gone (nobody holds their lock), holding the lock while removing one: a
+    trainer that has just made it and is about to lock it then finds it gone (see `_make_locked_cgroup`)."""
     with contextlib.suppress(OSError), os.scandir(parent) as entries:
         for entry in entries:
-            if entry.name.startswith(prefix) and lock_is_free(entry.path):
+            if not entry.name.startswith(prefix):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 remove_cgroup(entry.path, wait_s=1.0)
+            except OSError:
+                pass  # locked: its trainer is alive
+            finally:
+                os.close(fd)
 
 
 class LocalSandbox:
@@ -834,6 +847,33 @@ def _bwrap_command(workdir: str, env: dict[str, str]) -> list[str]:
     return command + ["--"]
 
 
+def _make_locked_cgroup(parent: str, prefix: str, slot: int, attempts: int = 3) -> str:
+    """Make a cgroup under `parent`, flock'ed for as long as this process lives, and tell the watchdog about it.
+
+    Between the mkdir and the flock another trainer's sweep (`_sweep_stale_cgroups`) may find the new group unlocked
+    and remove it, holding its lock meanwhile: so once locked, the group is checked to still be the one made, and made
+    again under a new name if it was taken. (A cgroup v2 group cannot be renamed, so it cannot be made under a name
+    the sweep ignores and renamed once locked, as the work directories are.)
+    """
+    for _ in range(attempts):
+        path = os.path.join(parent, f"{prefix}{os.getpid()}-{next(_cgroup_ids)}-{slot}")
+        os.mkdir(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            kept = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            kept = False
+        if kept:
+            _owner().add_cgroup(path, fd)
+            return path
+        os.close(fd)
+    raise OSError(f"the cgroups made under {parent} were removed by other processes {attempts} times in a row")
+
+
 def _make_pids_cgroups(count: int, max_tasks: int) -> list[str | None]:
     """One cgroup-v1 pids cgroup per slot capping its task count (as root); `[None] * count` where unavailable.
 
@@ -847,11 +887,7 @@ def _make_pids_cgroups(count: int, max_tasks: int) -> list[str | None]:
     paths: list[str | None] = []
     try:
         for slot in range(count):
-            path = os.path.join(_CGROUP_V1_PIDS, f"{_CGROUP_PREFIX}{os.getpid()}-{next(_cgroup_ids)}-{slot}")
-            os.mkdir(path)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            _owner().add_cgroup(path, fd)
+            path = _make_locked_cgroup(_CGROUP_V1_PIDS, _CGROUP_PREFIX, slot)
             paths.append(path)
             with open(os.path.join(path, "pids.max"), "w") as f:
                 f.write(str(max_tasks))
@@ -896,11 +932,7 @@ def _make_accounting_cgroups(count: int) -> list[str | None]:
     paths: list[str | None] = []
     try:
         for slot in range(count):
-            path = os.path.join(home, f"{_ACCT_PREFIX}{os.getpid()}-{next(_cgroup_ids)}-{slot}")
-            os.mkdir(path)
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            _owner().add_cgroup(path, fd)
+            path = _make_locked_cgroup(home, _ACCT_PREFIX, slot)
             paths.append(path)
             if _cgroup_usage(path) is None:
                 raise OSError(f"no cpu.stat / cpu.pressure in {path}")
