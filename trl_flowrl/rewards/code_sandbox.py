@@ -34,8 +34,8 @@ Nothing outlives the trainer: the bootstrap and the program die with it (parent-
 namespace dies with its init), and a watchdog process started with the first run removes the work directories and
 the pids cgroups (killing anything left in them) as soon as the trainer has exited, SIGKILL included. Work
 directories and cgroups left by a trainer that is gone (its lock released) are also removed at the next start.
-(One exception: in `none` mode without root or a writable cgroup v2, a process the program moved out of its session
-survives; see below.)
+(One exception: in `none` mode a process the program moved out of its session survives, unless one of the slot's
+cgroups still holds it, which a program keeping the trainer's uid can undo; see below.)
 
 Isolation modes (`isolation="auto"` picks the first that works):
 - `namespaces` (root): the above, the program running as an unprivileged uid per slot. Needs the interpreter and its
@@ -62,8 +62,11 @@ What this sandbox does NOT protect against:
   own threads;
 - anything in `none` mode beyond the limits: network and Unix sockets, writes wherever the user may write, reading
   other processes' environments, SysV IPC and POSIX message queues (removed afterwards only as root with the uid
-  drop), processes that leave the session (killed at the end of the run only through a cgroup: the pids cgroup as root, or the
-  accounting cgroup where cgroup v2 is writable);
+  drop), processes that leave the session: they are killed at the end of the run only while one of the slot's
+  cgroups still holds them. With the uid drop (as root) they stay there, as the slot's uid cannot write the cgroup
+  files. Without it the accounting cgroup (cgroup v2, the only one without root) holds nothing for sure: the program
+  has the trainer's uid, which may write to the trainer's cgroup, so it can write its pid into the parent group's
+  `cgroup.procs`, escape, and outlive the run uncounted; as root it can leave any cgroup;
 - a program that attacks the function-call harness from inside: it shares its interpreter, but it only produces the
   results, which are compared in the trainer's process, so at most it fails itself. Assert-style tests (HumanEval+)
   run in a separate harness process that the program cannot read or trace (see `code_reward`); in `none` mode as
@@ -703,8 +706,9 @@ class _Run:
             os.killpg(self.proc.pid, signal.SIGKILL)
         if self.init_pidfd is None:
             # No pid namespace (`none`, or bwrap once it is gone): what left the session is still in the slot's
-            # cgroups, the pids one (as root) and the accounting one (where cgroup v2 is writable). A leftover in the
-            # latter would also be counted as the next program's CPU time.
+            # cgroups, the pids one (as root) and the accounting one (where cgroup v2 is writable), unless it moved
+            # itself out (see the module docstring). A leftover in the latter would also be counted as the next
+            # program's CPU time.
             for path in (self.cgroup, self._joined_accounting()):
                 if path is not None:
                     kill_cgroup(path)
