@@ -265,13 +265,21 @@ def test_reward_scores_and_metrics():
     assert reward.__name__ == "math_accuracy"  # the name TRL logs the reward under
 
 
-def test_a_worker_killed_mid_request_is_an_infrastructure_error_skipped_by_default():
-    # What the OOM killer does: SIGKILL a worker that is busy grading. The answer was never judged, so its default
-    # score is None (TRL skips it), as for CodeReward's infrastructure errors; a 0 would call it wrong.
-    reward = MathAccuracyReward(num_workers=1, parse_timeout=300, verify_timeout=300, hard_timeout=900)
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_worker_killed_mid_request_is_graded_again_on_a_fresh_worker():
+    # What the OOM killer does when the trainer takes the memory: SIGKILL a worker that is busy grading. The answer
+    # is graded again on a fresh worker, and that grade counts (here math-verify's own 2 s timeout), not a skip.
+    reward = MathAccuracyReward(num_workers=1, parse_timeout=2, verify_timeout=2, hard_timeout=120, timeout_score=-0.5)
     pool = reward.verifier.pool
     assert reward([r"\boxed{1}"], solution=["1"]) == [1.0]  # the worker is up
-    huge = "\\boxed{" + "+".join(f"x^{{{i}}}" for i in range(200_000)) + "}"  # minutes of parsing
+    worker, restarts = pool._slots[0].proc, pool.restarts
+    idle_cpu = _cpu_s(worker.pid)
+    huge = "\\boxed{" + "+".join(f"x^{{{i}}}" for i in range(200_000)) + "}"  # minutes of parsing, no timeout
     metrics, extra, result = {}, {}, {}
     grading = threading.Thread(
         target=lambda: result.setdefault(
@@ -281,18 +289,87 @@ def test_a_worker_killed_mid_request_is_an_infrastructure_error_skipped_by_defau
     )
     grading.start()
     deadline = time.monotonic() + 60
-    while grading.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.5)
-        # Kill whichever worker holds the slot: one killed before it read the request is replaced and sent it again.
-        proc = pool._slots[0].proc
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-    grading.join(timeout=10)
+    while _cpu_s(worker.pid) < idle_cpu + 0.2:  # it has read the request and is working on it
+        assert time.monotonic() < deadline and grading.is_alive()
+        time.sleep(0.05)
+    os.kill(worker.pid, signal.SIGKILL)
+    grading.join(timeout=60)
     assert not grading.is_alive(), "the reward did not return after its worker was killed"
-    assert result["scores"] == [None]
-    assert extra["math_outcome"] == ["infra_error"]
+    assert extra["math_outcome"] == ["timeout"] and result["scores"] == [-0.5]
+    assert metrics["math_reward/infra_error"] == 0.0 and metrics["math_reward/error"] == 0.0
+    assert pool.restarts == restarts + 1 and pool._slots[0].proc.pid != worker.pid
+    assert reward([r"\boxed{2}"], solution=["2"]) == [1.0]  # the fresh worker grades the next request
+
+
+CRASH_WORKER = """
+import os, signal, sys
+from trl_flowrl.rewards._procpool import serve
+from trl_flowrl.rewards._math_worker import _answer
+
+def handle(request):
+    # Stands for an answer whose grading blows up the memory (the OOM killer's SIGKILL): CRASH_ALWAYS kills every
+    # worker it is sent to, CRASH_ONCE the first, CRASH_NO_RESTART also keeps the next worker from starting.
+    text, flags = request["completion"], os.environ["CRASH_FLAGS"]
+    once = os.path.join(flags, "crashed-once")
+    if "CRASH_NO_RESTART" in text:
+        open(os.path.join(flags, "no-start"), "w").close()
+    if "CRASH_ALWAYS" in text or "CRASH_NO_RESTART" in text or ("CRASH_ONCE" in text and not os.path.exists(once)):
+        open(once, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _answer(request)
+
+if os.path.exists(os.path.join(os.environ["CRASH_FLAGS"], "no-start")):
+    sys.exit(1)
+serve(handle)
+"""
+
+
+@pytest.fixture
+def crashing_reward(tmp_path, monkeypatch):
+    """A MathAccuracyReward (error_score -1) whose single worker SIGKILLs itself on the answers of `CRASH_WORKER`."""
+    from trl_flowrl.rewards import math_reward
+
+    (tmp_path / "crash_worker.py").write_text(CRASH_WORKER)
+    env = {"PYTHONPATH": str(tmp_path), "CRASH_FLAGS": str(tmp_path)}
+    pool = WorkerPool("crash_worker", num_workers=1, env=env)
+    monkeypatch.setitem(math_reward._pools, 1, pool)  # what MathVerifier(num_workers=1) uses
+    yield MathAccuracyReward(num_workers=1, error_score=-1.0, **FAST), pool
+    pool.close()
+
+
+def test_an_answer_that_kills_the_worker_twice_is_an_error(crashing_reward):
+    # Deterministic: the same answer kills a fresh worker too, so it is the answer's property (`error`, error_score),
+    # not skipped forever as an infrastructure error. The other answers of the batch are graded as usual.
+    reward, pool = crashing_reward
+    metrics, extra = {}, {}
+    completions = [r"\boxed{4}", r"CRASH_ALWAYS \boxed{4}", r"\boxed{5}"]
+    scores = reward(completions, solution=["4"] * 3, log_metric=metrics.__setitem__, log_extra=extra.__setitem__)
+    assert extra["math_outcome"] == ["correct", "error", "wrong"] and scores == [1.0, -1.0, 0.0]
+    assert metrics["math_reward/error"] == pytest.approx(1 / 3) and metrics["math_reward/infra_error"] == 0.0
+    assert pool.restarts == 2  # the first worker and the fresh one it was retried on
+    grade = reward.verifier.grade_one(r"CRASH_ALWAYS \boxed{4}", "4")
+    assert grade.outcome is Outcome.ERROR and "killed two workers" in grade.detail
+
+
+def test_a_worker_death_followed_by_a_grade_gives_that_grade(crashing_reward):
+    reward, pool = crashing_reward
+    extra = {}
+    assert reward([r"CRASH_ONCE \boxed{4}"], solution=["4"], log_extra=extra.__setitem__) == [1.0]
+    assert extra["math_outcome"] == ["correct"] and pool.restarts == 1
+
+
+def test_a_retry_that_cannot_run_is_an_infrastructure_error_skipped_by_default(crashing_reward, tmp_path):
+    # The worker died on the answer and no fresh one starts: the answer was never judged, so its default score is
+    # None (TRL skips it), as for CodeReward's infrastructure errors.
+    reward, pool = crashing_reward
+    metrics, extra = {}, {}
+    scores = reward(
+        [r"CRASH_NO_RESTART \boxed{4}"], solution=["4"], log_metric=metrics.__setitem__, log_extra=extra.__setitem__
+    )
+    assert scores == [None] and extra["math_outcome"] == ["infra_error"]
     assert metrics["math_reward/infra_error"] == 1.0 and metrics["math_reward/error"] == 0.0
-    assert reward([r"\boxed{2}"], solution=["2"]) == [1.0]  # a fresh worker grades the next request
+    (tmp_path / "no-start").unlink()
+    assert reward([r"\boxed{2}"], solution=["2"]) == [1.0]  # workers start again: the next answer is graded
     assert MathAccuracyReward(infra_error_score=0.0, num_workers=1).scores[Outcome.INFRA_ERROR] == 0.0
 
 

@@ -53,7 +53,15 @@ class WorkerTimeout(Exception):
 
 
 class WorkerCrashed(Exception):
-    """The worker died or answered garbage (its stderr tail, if any, is in the message)."""
+    """The worker died or answered garbage (its stderr tail, if any, is in the message).
+
+    `during_request`: it had been sent the request and died, or wrote garbage, before answering it (what the request
+    itself may have caused), rather than failing to start or to take the request.
+    """
+
+    def __init__(self, message: str = "", during_request: bool = False):
+        super().__init__(message)
+        self.during_request = during_request
 
 
 @dataclass
@@ -167,7 +175,8 @@ class WorkerPool:
 
         Raises:
             WorkerTimeout: no reply in time; the worker was killed and will be replaced.
-            WorkerCrashed: the worker exited or wrote something that is not a JSON line.
+            WorkerCrashed: the worker exited or wrote something that is not a JSON line (`during_request` if that
+                happened once it had been sent the request).
         """
         self._ensure_initialised()
         slot = self._idle.get()
@@ -219,7 +228,7 @@ class WorkerPool:
             return json.loads(reply)
         except ValueError:
             self._kill(slot)
-            raise WorkerCrashed(f"unreadable reply: {reply[:200]!r}") from None
+            raise WorkerCrashed(f"unreadable reply: {reply[:200]!r}", during_request=True) from None
 
     def _timed_out(self, slot: _Slot) -> WorkerTimeout:
         self._kill(slot)
@@ -247,7 +256,8 @@ class WorkerPool:
                 code = slot.proc.poll()
                 self._kill(slot)
                 self.restarts += 1
-                raise WorkerCrashed(f"worker exited (code {code})")
+                # On the ready line, `_request_on` re-raises it as a start-up failure.
+                raise WorkerCrashed(f"worker exited (code {code})", during_request=True)
             slot.buffer += chunk
         line, _, slot.buffer = slot.buffer.partition(b"\n")
         return line

@@ -15,10 +15,15 @@ stripped; but LaTeX shorthand such as `\frac12` is repaired instead of scored wr
   worker that has not answered by the hard deadline is SIGKILLed and replaced;
 - timeouts, parser errors and unparseable gold answers reported as such, with the score of each chosen by the user
   (0.0, or `None` so that TRL skips the sample);
-- a worker that dies while grading (a crash, the OOM killer), cannot start or answers garbage reported as an
-  infrastructure error, `infra_error`, skipped by default like `CodeReward`'s: the answer was never judged, so a 0
-  would teach the policy that a possibly correct answer is wrong. A math-verify timeout or exception on an answer is
-  not one: it happens again on the same answer, so it is a property of the answer (scored 0.0 by default);
+- a worker that dies while grading (a crash, the OOM killer) or answers garbage: the answer is graded again, once
+  (a fresh worker replaces the dead one). If that grades it, that grade counts: the first death was the
+  machine's (memory taken by the trainer, a stray kill). If the answer kills that worker too, the death is the
+  answer's doing (a memory blow-up), graded `error` like a math-verify exception (scored 0.0 by default), so such
+  answers are not skipped forever. A worker that cannot start, or whose retry cannot run, is an infrastructure
+  error, `infra_error`, skipped by default like `CodeReward`'s: the answer was never judged, so a 0 would teach the
+  policy that a possibly correct answer is wrong. (Sustained memory pressure from the trainer that kills the worker
+  twice on one answer is then taken as the answer's.) A math-verify timeout or exception on an answer happens again
+  on the same answer: the answer's property;
 - gold answers that are words: math-verify reads a bare word as a product of one-letter symbols, so any anagram
   would match it (`None`, a missing solution made a string, equals `neon`). A gold is `gold_unparseable` when it is
   missing (`None`, empty), has no math in it, or has a *bare word*, two or more letters in a row outside LaTeX commands,
@@ -76,9 +81,9 @@ class Outcome(str, enum.Enum):
     WRONG = "wrong"
     NO_ANSWER = "no_answer"  # no `\boxed{}` / `Answer:` line, or nothing parseable in it: the model's fault
     TIMEOUT = "timeout"  # math-verify's own timeout, or the worker killed at the hard deadline: the answer's property
-    ERROR = "error"  # math-verify (or the extraction) raised on this answer: the answer's property too
+    ERROR = "error"  # math-verify raised on this answer, or it killed a worker twice: the answer's property too
     GOLD_UNPARSEABLE = "gold_unparseable"  # the dataset's answer has no math in it: a data problem
-    INFRA_ERROR = "infra_error"  # the worker died (crash, OOM kill), did not start or answered garbage: not judged
+    INFRA_ERROR = "infra_error"  # no worker could start, or take the request, to grade it: not judged
 
 
 @dataclass(frozen=True)
@@ -269,15 +274,24 @@ class MathVerifier:
                     }
                 )
         replies = self.pool.map(requests, self.hard_timeout) if requests else []
-        for i, reply in zip(positions, replies):
-            grades[i] = self._grade_of(reply)
+        # A worker that died on a request (or answered garbage) is given it again once, on another worker: the answer
+        # itself may have killed it, or the machine (see the module docstring).
+        retried = [k for k, reply in enumerate(replies) if isinstance(reply, WorkerCrashed) and reply.during_request]
+        if retried:
+            again = self.pool.map([requests[k] for k in retried], self.hard_timeout)
+            for k, reply in zip(retried, again):
+                replies[k] = reply
+        for k, (i, reply) in enumerate(zip(positions, replies)):
+            grades[i] = self._grade_of(reply, second_try=k in retried)
         return grades
 
-    def _grade_of(self, reply: dict | Exception) -> MathGrade:
+    def _grade_of(self, reply: dict | Exception, second_try: bool = False) -> MathGrade:
         if isinstance(reply, WorkerTimeout):
             return MathGrade(Outcome.TIMEOUT, detail=f"worker killed after {self.hard_timeout:g} s")
         if isinstance(reply, WorkerCrashed):
-            return MathGrade(Outcome.INFRA_ERROR, detail=f"worker crashed: {reply}")
+            if reply.during_request and second_try:
+                return MathGrade(Outcome.ERROR, detail=f"the answer killed two workers; the second: {reply}")
+            return MathGrade(Outcome.INFRA_ERROR, detail=f"no worker could grade it: {reply}")
         return MathGrade(
             outcome=Outcome(reply["outcome"]),
             answer=reply.get("answer"),
@@ -315,10 +329,12 @@ class MathAccuracyReward:
         wrong_score: score of a wrong answer and of a completion with no final answer (or that is not text at all:
             None, an empty list, a dict; logged once per type).
         timeout_score: score when verification timed out; `None` makes TRL skip the sample.
-        error_score: score when math-verify raised on the answer (it would again: the answer's property); `None` skips.
-        infra_error_score: score when the worker died (a crash, the OOM killer), did not start or answered garbage, so
-            the answer was never judged; `None` (the default, as `CodeReward`'s) makes TRL skip the sample rather than
-            score a possibly correct answer 0.
+        error_score: score when math-verify raised on the answer, or the answer killed (or garbled) a worker twice in
+            a row (it would again: the answer's property); `None` skips.
+        infra_error_score: score when no worker could start or take the request (after a worker died on it: the
+            retry), so the answer was never judged; `None` (the default, as `CodeReward`'s) makes TRL skip the sample
+            rather than score a possibly correct answer 0. A worker that died on the answer once and then graded it
+            gives that grade.
         gold_unparseable_score: score when the gold answer cannot be parsed (logged as a warning); `None` skips.
         metric_prefix: prefix of the metrics logged through TRL's `log_metric` (the fraction of each outcome in the
             batch, e.g. `math_reward/timeout`).
