@@ -241,8 +241,8 @@ def math_grader(
     """Batched grader: math-verify equivalence through `trl_flowrl.rewards.MathVerifier` (killable worker processes).
 
     `verifier_kwargs` go to `MathVerifier` (answer_format, num_workers, timeouts). The outcome is the verifier's
-    (`correct`, `wrong`, `no_answer`, `timeout`, `error`, `gold_unparseable`, `infra_error`: a worker died, not the
-    answer's fault, reported apart as the code grader does); only `correct` counts as correct.
+    (`correct`, `wrong`, `no_answer`, `timeout`, `error`, `gold_unparseable`, `infra_error`: no worker could start or
+    take the request, not the answer's fault, reported apart as the code grader does); only `correct` counts as correct.
     """
     from trl_flowrl.rewards import MathVerifier, Outcome
 
