@@ -22,7 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 from trl_flowrl.tiny_models import build_char_tokenizer, build_tiny_qwen2  # noqa: E402
 
@@ -65,6 +67,15 @@ def arithmetic_dataset():
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# transformers 5.17, the newest that vLLM's CPU build allows (and so the floor CI tests), has two bugs that 5.18 fixed:
+# a Mixtral router loss that sizes its mask for every token while the logits are kept for fewer, and a Trainer that
+# loads the optimizer state onto `cpu:0` when several CPU processes resume (which torch refuses). Both fail in
+# `trl.GRPOTrainer` alike; the tests of those features need 5.18.
+needs_transformers_5_18 = pytest.mark.skipif(
+    Version(transformers.__version__) < Version("5.18"),
+    reason="transformers < 5.18: its MoE router loss and multi-process CPU resume fail in GRPOTrainer itself",
+)
 
 
 def run_distributed(script: Path, *script_args: str, num_processes: int = 2, timeout: int = 600):

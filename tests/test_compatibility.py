@@ -3,6 +3,7 @@ refused with a reason, exactly as the table says. (Rows covered elsewhere name t
 
 import pytest
 import torch
+from conftest import needs_transformers_5_18
 from datasets import Dataset
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForSequenceClassification
 
@@ -172,6 +173,7 @@ def test_completions_logging(name, tiny_model_path, tmp_path):
     assert len(trainer._logs["prompt"]) > 0
 
 
+@needs_transformers_5_18
 @pytest.mark.parametrize("name", TRAINERS)
 def test_mixture_of_experts_router_loss(name, moe_model_path, tmp_path):
     trainer = train(name, moe_model_path, tmp_path)

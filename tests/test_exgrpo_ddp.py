@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import run_distributed
+from conftest import needs_transformers_5_18, run_distributed
 
 
 pytestmark = pytest.mark.multiprocess
@@ -169,6 +169,7 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
+@needs_transformers_5_18
 def test_resume_reads_the_replay_state_once_and_broadcasts_it(tiny_model_path, tmp_path):
     script = tmp_path / "resume_ddp.py"
     script.write_text(RESUME_SCRIPT)

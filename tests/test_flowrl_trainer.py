@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_distributed
+from conftest import needs_transformers_5_18, run_distributed
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -678,6 +678,7 @@ def test_state_file_checks_tell_damage_from_other_problems(tmp_path):
 
 
 @pytest.mark.multiprocess
+@needs_transformers_5_18
 def test_a_checkpoint_written_by_one_process_resumes_with_two(tiny_model_path, tmp_path, official_checkpoint):
     # The checkpoint was written by one process; two resume it, and only rank 0 can see the saved state. Each rank's
     # head, right after the checkpoint is loaded, must be the saved one (not the fresh head it was built with), and
