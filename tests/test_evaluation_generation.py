@@ -179,3 +179,23 @@ def test_check_model_path_says_what_is_wrong(tiny_model_path, tmp_path, monkeypa
     with pytest.raises(FileNotFoundError, match="huggingface-cli download org/model"):
         check_model_path("org/model")  # a hub id, not cached, offline
     check_model_path("org/model", offline_hub=False)  # left to from_pretrained
+
+
+def test_vllm_on_a_cpu_reserves_a_fixed_cache_unless_told_otherwise(fake_vllm, tiny_model_path, monkeypatch):
+    """vLLM's CPU build reads gpu_memory_utilization (0.92 by default) as the share of the machine's memory to reserve
+    and refuses to start when that much is not free: on a CPU the backend asks for a fixed cache instead."""
+    from trl_flowrl.evaluation import generation
+
+    monkeypatch.setattr(generation, "_on_cpu", lambda: True)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    load_generator(tiny_model_path, seed=0)
+    assert fake_vllm["engine"]["kv_cache_memory_bytes"] == generation.CPU_KV_CACHE_BYTES
+    load_generator(tiny_model_path, seed=0, vllm_kwargs={"gpu_memory_utilization": 0.3})  # the user's choice wins
+    assert "kv_cache_memory_bytes" not in fake_vllm["engine"]
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # and so does vLLM's own variable
+    load_generator(tiny_model_path, seed=0)
+    assert "kv_cache_memory_bytes" not in fake_vllm["engine"]
+    monkeypatch.setattr(generation, "_on_cpu", lambda: False)  # GPU vLLM keeps its defaults
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    load_generator(tiny_model_path, seed=0)
+    assert "kv_cache_memory_bytes" not in fake_vllm["engine"]

@@ -8,7 +8,9 @@ chat template with the generation prompt added; string prompts are used as they 
 - vLLM: one `LLM` seeded with `seed` (the engine's seed, set once per model), `SamplingParams(n=k, temperature,
   top_p, max_tokens)`, prompts passed as token ids (so the chat template's special tokens are not added twice) and
   vLLM's own progress bar. Extra engine arguments (`tensor_parallel_size`, `gpu_memory_utilization`, `dtype`, ...)
-  go through `vllm_kwargs`.
+  go through `vllm_kwargs`. On a CPU (vLLM's CPU build), the engine's cache is 2 GiB unless `vllm_kwargs` or
+  `VLLM_CPU_KVCACHE_SPACE` say otherwise: the CPU build reads `gpu_memory_utilization` as a share of the machine's
+  memory to reserve.
 - transformers: each prompt repeated k times, sequences sorted by prompt length and generated `batch_size` at a time
   with left padding, `do_sample=True` (greedy when temperature is 0), under a forked RNG seeded by `seed`, with a tqdm
   bar over sequences. Runs on the first GPU when there is one (bfloat16), else on the CPU (float32); `model_kwargs`
@@ -263,6 +265,17 @@ class TransformersGenerator:
                 torch.cuda.empty_cache()
 
 
+CPU_KV_CACHE_BYTES = 2 * 2**30  # the vLLM backend's cache on a CPU, unless VLLM_CPU_KVCACHE_SPACE or vllm_kwargs say
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # a vLLM without platforms (or a stand-in): leave its defaults alone
+        return False
+    return current_platform.is_cpu()
+
+
 class VLLMGenerator:
     """Sampling with a vLLM engine (see the module docstring)."""
 
@@ -276,7 +289,13 @@ class VLLMGenerator:
                 "The vLLM backend loads checkpoints by path or hub id; "
                 "use the transformers backend for a model instance."
             )
-        self.llm = LLM(model=model, seed=seed, **(vllm_kwargs or {}))
+        vllm_kwargs = dict(vllm_kwargs or {})
+        chosen = {"gpu_memory_utilization", "kv_cache_memory_bytes"} & set(vllm_kwargs)
+        if not chosen and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and _on_cpu():
+            # vLLM's CPU build reads `gpu_memory_utilization` (0.92 by default) as a share of the machine's memory to
+            # reserve, and refuses to start when less is free; a fixed cache is plenty for evaluation.
+            vllm_kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        self.llm = LLM(model=model, seed=seed, **vllm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(
