@@ -15,7 +15,13 @@ is ever seen.
   wrong programs (`programming.pretraining_completion`), and training runs until the model copies the problem's
   constant: it then writes a correct program about half of the time, and nearly every failure is a listed wrong
   construction, which a 1/0 reward from the tests can teach it to avoid. (The copy is learned late: with `--eval_every
-  1000`, held-out pass rate 13% at step 1000, 22% at 2000, 49% at 3000.)
+  1000`, held-out pass rate 13% at step 1000, 22% at 2000, 49% at 3000, measured with the earlier four-head model.)
+
+Both models have head size 32 (hidden 96, 3 query heads, 1 key-value head), a size vLLM's CPU attention serves.
+Re-trained so on 2026-12-07 from the earlier four-head models (head size 24, which vLLM refuses): held-out accuracy
+41.2% -> 41.2% (arithmetic, 128 problems x 8; pass@8 96.9% -> 97.7%, distinct correct paths 2.70 -> 2.70) and
+47.0% -> 46.0% (programs, 37 x 8; pass@8 100% both, distinct passing programs 2.51 -> 2.54), each written into
+`pretraining.json`.
 
 The model and optimisation settings default per task (`TASK_DEFAULTS`); any of them can be overridden on the command
 line. Deterministic from `--seed` for a given machine and thread count (`--num_threads`, per task): the data order,
@@ -51,8 +57,9 @@ TASK_DEFAULTS = {
     "arithmetic": {
         "hidden_size": 96,
         "num_layers": 4,
-        "num_heads": 4,
-        "num_kv_heads": 2,
+        # Head size 32 (96 / 3): vLLM's CPU attention serves head sizes 32, 64, 80, ... only.
+        "num_heads": 3,
+        "num_kv_heads": 1,
         "intermediate_size": 256,
         "max_position_embeddings": 256,
         "steps": 800,
@@ -63,13 +70,15 @@ TASK_DEFAULTS = {
         "eval_problems": 128,
         "eval_samples": 8,
         "max_new_tokens": 64,
-        "num_threads": 2,
+        # One thread: the weights depend on the thread count, and the two models can then be trained side by side.
+        "num_threads": 1,
     },
     "programs": {
         "hidden_size": 96,
         "num_layers": 4,
-        "num_heads": 4,
-        "num_kv_heads": 2,
+        # Head size 32 (96 / 3): vLLM's CPU attention serves head sizes 32, 64, 80, ... only.
+        "num_heads": 3,
+        "num_kv_heads": 1,
         "intermediate_size": 256,
         "max_position_embeddings": 512,
         "steps": 3000,

@@ -1,6 +1,6 @@
 """How many CPU threads a CPU run of the embedded tiny models uses.
 
-A 432k-parameter model gains little from intra-op parallelism, while torch's worker threads spin and fight for cores
+A 420k-parameter model gains little from intra-op parallelism, while torch's worker threads spin and fight for cores
 when the machine is shared. Measured with the default FlowRL math recipe on a 2-core machine (seconds per step, two
 threads / one thread): quiet 0.60 / 0.83, beside one busy process 7.16 / 0.87, beside two 1.86 / 1.30. So the
 embedded runs (recipes with no model, the evaluation of the built-in tasks, the benchmarks) use one thread unless told

@@ -76,8 +76,8 @@ class _Kind:
     wrong_programs: Callable[[int], list[str]]
     params: tuple = tuple(range(10, 30))
     # Always two digits, 20 values shared by every kind, so the model learns to copy K from the prompt. After 3000
-    # pre-training steps the 432k-parameter model copied two-digit constants but no one-character one (a letter or a
-    # digit, each with fewer values per kind); with K in 10..99 it copied none within 1000 steps.
+    # pre-training steps the earlier 432k-parameter four-head model copied two-digit constants but no one-character one
+    # (a letter or a digit, each with fewer values per kind); with K in 10..99 it copied none within 1000 steps.
 
 
 def _ints_input(rng: random.Random) -> str:
