@@ -10,7 +10,7 @@ or on the command line; see README.md for multi-GPU, DeepSpeed, FSDP and vLLM.
 from pathlib import Path
 
 from trl_flowrl import ExGRPOConfig, ExGRPOTrainer
-from trl_flowrl.recipe import parse_recipe_args, run
+from trl_flowrl.recipe import finish, parse_recipe_args, run
 
 
 if __name__ == "__main__":
@@ -18,4 +18,4 @@ if __name__ == "__main__":
         ExGRPOConfig, Path(__file__).parent / "configs" / "embedded" / "exgrpo_arithmetic.yaml"
     )
     trainer = run(ExGRPOTrainer, script_args, training_args, model_args)
-    trainer.accelerator.end_training()  # Trainer.end() does this from transformers 5.25 on
+    finish(trainer)

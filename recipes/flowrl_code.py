@@ -10,7 +10,7 @@ code_timeout, ...) can be set in the YAML file or on the command line; see READM
 from pathlib import Path
 
 from trl_flowrl import FlowRLConfig, FlowRLTrainer
-from trl_flowrl.recipe import parse_recipe_args, run
+from trl_flowrl.recipe import finish, parse_recipe_args, run
 
 
 if __name__ == "__main__":
@@ -21,4 +21,4 @@ if __name__ == "__main__":
     )
     trainer = run(FlowRLTrainer, script_args, training_args, model_args)
     trainer.accelerator.print(training_args.describe_objective())
-    trainer.accelerator.end_training()  # Trainer.end() does this from transformers 5.25 on
+    finish(trainer)

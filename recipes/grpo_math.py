@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_flowrl.recipe import parse_recipe_args, run
+from trl_flowrl.recipe import finish, parse_recipe_args, run
 
 
 if __name__ == "__main__":
@@ -19,4 +19,4 @@ if __name__ == "__main__":
         GRPOConfig, Path(__file__).parent / "configs" / "embedded" / "grpo_arithmetic.yaml"
     )
     trainer = run(GRPOTrainer, script_args, training_args, model_args)
-    trainer.accelerator.end_training()  # Trainer.end() does this from transformers 5.25 on
+    finish(trainer)

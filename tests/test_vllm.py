@@ -165,3 +165,29 @@ def test_two_ddp_processes_each_with_a_colocate_engine(runs):
         assert result["global_step"] == 4
         assert max(metric(result, "sampling/sampling_logp_difference/mean")) < FOLLOWS
     assert ranks[0]["synced_names"] == ranks[1]["synced_names"]
+
+
+@pytest.mark.parametrize("recipe", ["flowrl_math", "flowrl_code"])
+def test_recipes_train_the_embedded_models_with_vllm_and_no_other_flag(recipe, tmp_path):
+    """Both embedded models have a head size vLLM's CPU attention serves, and a recipe ends cleanly with the engine."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("OMP_NUM_THREADS", None)
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "recipes" / f"{recipe}.py"),
+        "--use_vllm=true",
+        "--vllm_mode=colocate",
+        "--max_steps=2",
+        "--logging_steps=1",
+        "--per_device_train_batch_size=16",
+        "--num_train_problems=32",
+        "--num_eval_problems=4",
+        "--eval_samples=2",
+        f"--output_dir={tmp_path}",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "4 held-out problems x 2 samples" in result.stdout
+    assert "sampling/sampling_logp_difference/mean" in result.stdout + result.stderr  # TRL's vLLM path ran
+    assert "Traceback" not in result.stderr, result.stderr[-6000:]  # nothing fails on the way out either
+    assert (tmp_path / "model.safetensors").is_file()

@@ -395,3 +395,16 @@ def run(trainer_cls, script_args: RecipeArguments, training_args, model_args: Mo
         trainer.summary = {"before": before, "after": after, "train_seconds": train_seconds, "versions": versions}
     trainer.accelerator.wait_for_everyone()
     return trainer
+
+
+def finish(trainer) -> None:
+    """End the run: the trackers, then the process group (what `Trainer.end()` does from transformers 5.25 on).
+
+    vLLM's colocate engine destroys its process groups itself when the process exits, and fails with "Invalid process
+    group specified" when they are already gone, so with it only the trackers are ended here.
+    """
+    if trainer.args.use_vllm and trainer.args.vllm_mode == "colocate":
+        for tracker in trainer.accelerator.trackers:
+            tracker.finish()
+    else:
+        trainer.accelerator.end_training()
