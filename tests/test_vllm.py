@@ -100,7 +100,9 @@ def test_flowrl_without_weight_sync_the_engine_falls_behind(runs):
     assert gaps[-1] > 10 * max(metric(synced, "sampling/sampling_logp_difference/mean")), gaps
 
 
-def test_flowrl_loss_applies_the_vllm_importance_sampling_correction(runs):
+def test_flowrl_loss_receives_the_vllm_importance_sampling_weight(runs):
+    """With real vLLM, TRL's ratio becomes FlowRL's per-sequence weight at every step (how that weight multiplies the
+    loss is checked on hand-set ratios in test_flowrl_trainer.py)."""
     result = official(runs)
     weights = [w for step in result["ratios_in_loss"] for w in step]
     assert result["ratios_in_loss"] and all(step is not None for step in result["ratios_in_loss"])
