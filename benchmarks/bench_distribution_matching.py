@@ -4,7 +4,7 @@
     python benchmarks/bench_distribution_matching.py --seeds 0,1 --steps 100 --arms grpo,flowrl_matching
     python benchmarks/bench_distribution_matching.py --smoke         # a check that it runs (every arm, 2 steps)
 
-Five arms (`arithmetic_runs.ARMS`) train the embedded tiny model on the built-in arithmetic task with the recipes'
+Five arms (`arms.ARMS`) train the embedded tiny model on the built-in arithmetic task with the recipes'
 embedded settings (`recipes/configs/embedded/{grpo,flowrl}_arithmetic.yaml`: lr 1e-4, 8 problems x 8 completions per
 step, 300 steps, temperature 1.0, the math-verify reward), with the same seeds, interleaved by seed:
 
@@ -19,7 +19,7 @@ step, 300 steps, temperature 1.0, the math-verify reward), with the same seeds, 
   budget, at a cost in accuracy (the trade-off arm).
 
 Every `--eval-every` steps a callback samples `--eval-samples` completions at temperature 1.0 for each of
-`--eval-problems` fixed held-out problems and measures (see `arithmetic_runs.py`):
+`--eval-problems` fixed held-out problems and measures (see `heldout.py` and `metrics.py`):
 
 - accuracy (avg@k, the mean correctness of the samples), pass@k and the rate of samples writing a valid path;
 - distinct correct paths per problem: how many different valid reasoning paths (exact path ids of the task) the
@@ -42,7 +42,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import arithmetic_runs as ar
+from arms import ARMS as ALL_ARMS
+from arms import LABELS
+from metrics import summarize
+from reporting import plot_metric, pyplot, quiet, report_header, write_json
+from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
+from runs import run_summary, tracked_run
 
 
 ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b5")
@@ -93,7 +98,7 @@ def final_summary(records: list[dict]) -> dict:
     """Each metric of the last evaluation point, over seeds (a metric undefined for some seed is left out)."""
     finals = [r["curve"][-1] for r in records]
     return {
-        key: ar.summarize([point_value(p, key) for p in finals])
+        key: summarize([point_value(p, key) for p in finals])
         for key, _, _, _ in METRICS
         if all(point_value(p, key) is not None for p in finals)
     }
@@ -167,7 +172,7 @@ def print_report(initial: dict, final: dict, evaluations: list[dict], seeds: lis
     width, column = 36, 21
     print(
         "\nArms: "
-        + "; ".join(f"{name} = {ar.LABELS[name]} ({' '.join(ar.ARMS[name].overrides) or 'recipe'})" for name in arms)
+        + "; ".join(f"{name} = {LABELS[name]} ({' '.join(ALL_ARMS[name].overrides) or 'recipe'})" for name in arms)
     )
     tables = [("mean over seeds", lambda s, scale, fmt: fmt.format(scale * s["mean"]))]
     if len(seeds) > 1:
@@ -182,15 +187,15 @@ def print_report(initial: dict, final: dict, evaluations: list[dict], seeds: lis
             print(f"{label:{width}s} {start_text:>8s} " + " ".join(f"{c:>{column}s}" for c in cells))
     for evaluation in evaluations:
         print(
-            f"\n{evaluation['targets']} ({evaluation['role']}): {ar.LABELS[evaluation['arm']]} against "
-            f"{ar.LABELS[evaluation['baseline']]}: {'met' if evaluation['met'] else 'MISSED'}"
+            f"\n{evaluation['targets']} ({evaluation['role']}): {LABELS[evaluation['arm']]} against "
+            f"{LABELS[evaluation['baseline']]}: {'met' if evaluation['met'] else 'MISSED'}"
         )
         for name, check in evaluation["checks"].items():
-            print("  " + describe_check(name, check, ar.LABELS[evaluation["baseline"]]))
+            print("  " + describe_check(name, check, LABELS[evaluation["baseline"]]))
 
 
 def plot(runs: dict, path) -> None:
-    plt = ar.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     panels = (
         (lambda p: 100 * p["accuracy"], "held-out accuracy (avg@k, %)"),
@@ -199,7 +204,7 @@ def plot(runs: dict, path) -> None:
         (lambda p: p["target"]["tv"], "total variation to the target"),
     )
     for ax, (y, ylabel) in zip(axes.flat, panels):
-        ar.plot_metric(ax, runs, y, ylabel=ylabel)
+        plot_metric(ax, runs, y, ylabel=ylabel)
         ax.set_xlabel("training step")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("The arms on the embedded arithmetic task (held-out, temperature 1.0)")
@@ -210,22 +215,22 @@ def plot(runs: dict, path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ar.add_run_arguments(parser)
-    ar.add_arms_argument(parser, ARMS)
+    add_run_arguments(parser)
+    add_arms_argument(parser, ARMS)
     args = parser.parse_args(argv)
     try:
-        arms = ar.parse_arms(args.arms, ARMS)
+        arms = parse_arms(args.arms, ARMS)
     except ValueError as error:
         parser.error(str(error))
-    seeds, spec, output_dir = ar.resolve_run_arguments(args)
-    ar.quiet()
+    seeds, spec, output_dir = resolve_run_arguments(args)
+    quiet()
     start = time.perf_counter()
 
     runs = {name: [] for name in arms}
     for seed in seeds:  # interleaved, so that a slow spell of the machine does not fall on one arm
         for name in arms:
             runs[name].append(
-                ar.tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+                tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
             )
 
     initial = runs[arms[0]][0]["curve"][0]  # every arm starts from the same model and sampling seed
@@ -237,18 +242,18 @@ def main(argv=None) -> dict:
     ]
     print_report(initial, final, evaluations, seeds, arms)
 
-    report = ar.report_header("distribution_matching", args.smoke, ar.run_settings(args, seeds, spec, arms))
+    report = report_header("distribution_matching", args.smoke, run_settings(args, seeds, spec, arms))
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,
             "initial": {key: point_value(initial, key) for key, _, _, _ in METRICS},
             "final": final,
             "evaluations": evaluations,
-            "runs": {name: [ar.run_summary(r) for r in records] for name, records in runs.items()},
+            "runs": {name: [run_summary(r) for r in records] for name, records in runs.items()},
         }
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    ar.write_json(output_dir / "distribution_matching.json", report)
+    write_json(output_dir / "distribution_matching.json", report)
     plot(runs, output_dir / "distribution_matching.png")
     print(f"\nwrote {output_dir / 'distribution_matching.json'} and distribution_matching.png")
     return report

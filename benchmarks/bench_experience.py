@@ -19,7 +19,7 @@ visits, in both):
 - **plentiful**: the recipes' settings, 2,000 problems and the shipped model (42.6% on the tracked problems): no
   question is seen twice, and replay spends half of each batch on questions already seen.
 
-Arms (`arithmetic_runs.ARMS`): GRPO and ExGRPO at the paper's defaults in both regimes, the same ExGRPO without replay
+Arms (`arms.ARMS`): GRPO and ExGRPO at the paper's defaults in both regimes, the same ExGRPO without replay
 (`replay_ratio 0`: its loss and retirement alone) in both, ExGRPO with displaced questions requeued (a departure from
 the paper, meant for plentiful fresh questions) in plentiful, and, in scarce, the paper's ablations one at a time
 (`--ablations`). Every arm trains with the same steps and generates 64 completions per step; the main arms on every
@@ -52,7 +52,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import arithmetic_runs as ar
+from arms import LABELS
+from metrics import mean_curve, rollouts_to_reach, summarize
+from reporting import plot_metric, pyplot, quiet, report_header, write_json
+from run_options import add_run_arguments, parse_arms, resolve_run_arguments, run_settings
+from runs import REPO, run_summary, tracked_run
 
 
 ROLLOUTS_TARGET = 0.7
@@ -97,16 +101,16 @@ REGIMES = {
 
 def crossing(grpo_curves: list[list[dict]], curves: list[list[dict]], x_key: str = "rollouts_generated") -> dict:
     """Rollouts (of kind `x_key`) an arm needs to reach GRPO's final accuracy, both curves averaged over runs."""
-    grpo_acc = ar.mean_curve(grpo_curves, "accuracy")
-    grpo_x = ar.mean_curve(grpo_curves, "rollouts_generated")
-    acc = ar.mean_curve(curves, "accuracy")
-    x = ar.mean_curve(curves, x_key)
+    grpo_acc = mean_curve(grpo_curves, "accuracy")
+    grpo_x = mean_curve(grpo_curves, "rollouts_generated")
+    acc = mean_curve(curves, "accuracy")
+    x = mean_curve(curves, x_key)
     threshold = grpo_acc[-1]
-    reached = ar.rollouts_to_reach(x, acc, threshold)
+    reached = rollouts_to_reach(x, acc, threshold)
     return {
         "grpo_final_accuracy": threshold,
         "grpo_rollouts": grpo_x[-1],
-        "grpo_first_reach_rollouts": ar.rollouts_to_reach(grpo_x, grpo_acc, threshold),
+        "grpo_first_reach_rollouts": rollouts_to_reach(grpo_x, grpo_acc, threshold),
         "rollouts_to_reach": reached,
         "ratio": None if reached is None else reached / grpo_x[-1],
         "final_accuracy": acc[-1],
@@ -137,19 +141,19 @@ def arm_summary(grpo_runs: list[dict], runs: list[dict], exgrpo_runs: list[dict]
         "to_reach_grpo_final": crossing(grpo_curves, curves),
         "to_reach_grpo_final_fresh": crossing(grpo_curves, curves, "fresh_rollouts_used"),
         "to_reach_per_seed": [crossing([g], [c])["ratio"] for g, c in zip(grpo_curves, curves)],
-        "final_accuracy": ar.summarize(final),
-        "gap_points": ar.summarize([100 * g for g in gaps]),
-        "distinct_questions": ar.summarize([q.get("distinct_questions", 0) for q in questions]),
+        "final_accuracy": summarize(final),
+        "gap_points": summarize([100 * g for g in gaps]),
+        "distinct_questions": summarize([q.get("distinct_questions", 0) for q in questions]),
         "distinct_fresh_questions": [q.get("distinct_fresh_questions") for q in questions],
         "max_replays_per_question": [q.get("max_replays_per_question") for q in questions],
-        "replayed_rows_fraction": ar.summarize(
+        "replayed_rows_fraction": summarize(
             [r["rollouts_replayed"] / r["rollouts_generated"] if r["rollouts_generated"] else 0.0 for r in runs]
         ),
         "replay_started_at_step": started,
     }
     if exgrpo_runs is not None:
         exgrpo = [r["curve"][-1]["accuracy"] for r in same_seeds(exgrpo_runs, runs)]
-        summary["gap_to_exgrpo_points"] = ar.summarize([100 * (f - e) for f, e in zip(final, exgrpo)])
+        summary["gap_to_exgrpo_points"] = summarize([100 * (f - e) for f, e in zip(final, exgrpo)])
     return summary
 
 
@@ -207,7 +211,7 @@ def weak_model(cache_dir: Path, steps: int, smoke: bool, log=print) -> Path:
         return out
     command = [
         sys.executable,
-        str(ar.REPO / "scripts" / "pretrain_tiny_model.py"),
+        str(REPO / "scripts" / "pretrain_tiny_model.py"),
         "--steps",
         str(steps),
         "--num_threads",
@@ -249,7 +253,7 @@ def print_report(regimes: dict, targets: dict) -> None:
             if arm == "grpo":
                 continue
             print(
-                f"{ar.LABELS[arm]}: final {100 * s['final_accuracy']['mean']:.1f}% "
+                f"{LABELS[arm]}: final {100 * s['final_accuracy']['mean']:.1f}% "
                 f"({', '.join(f'{100 * v:.1f}' for v in s['final_accuracy']['per_seed'])}), "
                 f"minus GRPO {s['gap_points']['mean']:+.1f} points, to reach GRPO's final "
                 f"{fmt_ratio(s['to_reach_grpo_final']['ratio'])} (per seed "
@@ -265,15 +269,15 @@ def print_report(regimes: dict, targets: dict) -> None:
     print()
     for key, check in targets.items():
         fmt = (lambda v: f"{v:.2f}x") if key == "scarce_rollouts" else (lambda v: f"{v:+.1f} points")
-        suffix = f" ({ar.LABELS[check['arm']]})" if "arm" in check else ""
+        suffix = f" ({LABELS[check['arm']]})" if "arm" in check else ""
         print(f"Target, {key}: {_verdict(check, fmt)}{suffix}")
 
 
 def plot(regimes: dict, runs: dict, path) -> None:
-    plt = ar.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.4), squeeze=False)
     for ax, (name, regime) in zip(axes[0], regimes.items()):
-        ar.plot_metric(ax, runs[name], lambda p: 100 * p["accuracy"], x="rollouts_generated", ylabel="accuracy (%)")
+        plot_metric(ax, runs[name], lambda p: 100 * p["accuracy"], x="rollouts_generated", ylabel="accuracy (%)")
         ax.axhline(100 * regime["arms"]["grpo"]["final_accuracy"]["mean"], color="gray", linestyle="--", lw=1)
         ax.set_xlabel("rollouts generated")
         ax.set_title(f"{name}: {regime['description']}", fontsize=9)
@@ -286,7 +290,7 @@ def plot(regimes: dict, runs: dict, path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ar.add_run_arguments(parser)
+    add_run_arguments(parser)
     parser.add_argument("--regimes", default="scarce,plentiful", help="comma-separated regimes (scarce, plentiful)")
     parser.add_argument(
         "--ablations",
@@ -300,14 +304,14 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--weak-model-steps", type=int, default=WEAK_MODEL_STEPS, help="pre-training steps (scarce)")
     args = parser.parse_args(argv)
-    seeds, spec, output_dir = ar.resolve_run_arguments(args)
-    ar.quiet()
+    seeds, spec, output_dir = resolve_run_arguments(args)
+    quiet()
     start = time.perf_counter()
     names = [r for r in args.regimes.split(",") if r]
     unknown = set(names) - set(REGIMES)
     if unknown:
         raise SystemExit(f"Unknown regime(s) {sorted(unknown)}: use {list(REGIMES)}.")
-    ablations = ar.parse_arms(args.ablations, ()) if args.ablations else []
+    ablations = parse_arms(args.ablations, ()) if args.ablations else []
     ablation_seeds = seeds if args.ablation_seeds is None else [int(s) for s in args.ablation_seeds.split(",")]
     if not set(ablation_seeds) <= set(seeds):
         raise SystemExit(
@@ -333,7 +337,7 @@ def main(argv=None) -> dict:
                 if arm in ablations and name == "scarce" and seed not in ablation_seeds:
                     continue
                 runs[name][arm].append(
-                    ar.tracked_run(
+                    tracked_run(
                         arm,
                         seed,
                         args.steps,
@@ -359,7 +363,7 @@ def main(argv=None) -> dict:
     print_report(regimes, targets)
 
     arms_run = list(dict.fromkeys(arm for regime_runs in runs.values() for arm in regime_runs))
-    report = ar.report_header("experience", args.smoke, ar.run_settings(args, seeds, spec, arms_run))
+    report = report_header("experience", args.smoke, run_settings(args, seeds, spec, arms_run))
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,
@@ -368,13 +372,11 @@ def main(argv=None) -> dict:
             "weak_model": None
             if weak is None
             else {"steps": args.weak_model_steps, "pretraining": json.loads((weak / "pretraining.json").read_text())},
-            "runs": {
-                name: {arm: [ar.run_summary(r) for r in rs] for arm, rs in r.items()} for name, r in runs.items()
-            },
+            "runs": {name: {arm: [run_summary(r) for r in rs] for arm, rs in r.items()} for name, r in runs.items()},
         }
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    ar.write_json(output_dir / "experience.json", report)
+    write_json(output_dir / "experience.json", report)
     plot(regimes, runs, output_dir / "experience.png")
     print(f"\nwrote {output_dir / 'experience.json'} and experience.png")
     return report
@@ -382,9 +384,9 @@ def main(argv=None) -> dict:
 
 def _equal_rollouts(runs: dict) -> list[dict]:
     """Each arm's mean accuracy at every evaluation point (all arms generate the same rollouts per step)."""
-    means = {arm: ar.mean_curve([r["curve"] for r in records], "accuracy") for arm, records in runs.items()}
+    means = {arm: mean_curve([r["curve"] for r in records], "accuracy") for arm, records in runs.items()}
     grpo = [r["curve"] for r in runs["grpo"]]
-    steps, rollouts = ar.mean_curve(grpo, "step"), ar.mean_curve(grpo, "rollouts_generated")
+    steps, rollouts = mean_curve(grpo, "step"), mean_curve(grpo, "rollouts_generated")
     return [
         {"step": int(step), "rollouts_generated": x, **{arm: values[i] for arm, values in means.items()}}
         for i, (step, x) in enumerate(zip(steps, rollouts))

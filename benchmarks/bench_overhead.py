@@ -55,7 +55,7 @@ QWEN25_05B = dict(
 )
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import arithmetic_runs  # noqa: E402  (the benchmarks' shared helpers: the machine's description)
+from reporting import machine  # noqa: E402  (the benchmarks' shared description of the machine)
 
 from trl_flowrl._compat import package_versions  # noqa: E402
 
@@ -277,7 +277,7 @@ def main():
         "benchmark": "overhead",
         "smoke": args.smoke,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": arithmetic_runs.machine(),
+        "machine": machine(),
         "device": args.device,
         "versions": package_versions(),
         "settings": {

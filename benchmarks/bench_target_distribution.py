@@ -20,7 +20,7 @@ renormalises both over the valid paths, and reports, averaged over problems:
 For scale, two fixed distributions are measured the same way: a policy collapsed onto the reference's most likely
 path, and the uniform distribution over the paths.
 
-The policies are the final models of the arms of benchmark 2 (`arithmetic_runs.ARMS`: GRPO, GRPO with a KL term,
+The policies are the final models of the arms of benchmark 2 (`arms.ARMS`: GRPO, GRPO with a KL term,
 FlowRL's official objective, its matching objective at β 5 and 15), reused from the run cache or trained here with
 the same options. The curves over training come from the runs' own tracking (the same measure on the tracked
 held-out problems). What each objective should reach: the matching objective's fixed point is p* itself (distance 0
@@ -38,8 +38,12 @@ import math
 import sys
 import time
 
-import arithmetic_runs as ar
 import bench_distribution_matching as bdm
+from arms import COLORS, LABELS
+from metrics import mean_distance, path_distribution_distance, summarize
+from reporting import plot_metric, pyplot, quiet, report_header, write_json
+from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
+from runs import tracked_run
 
 
 ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b5")
@@ -64,30 +68,30 @@ def anchors(reference: list[dict[str, float]]) -> dict:
     for logps in reference:
         top = max(logps, key=logps.get)
         # a point mass is the limit of a vanishing temperature: give the other paths a negligible log-probability
-        collapsed.append(ar.path_distribution_distance({k: 0.0 if k == top else -1e4 for k in logps}, logps))
-        uniform.append(ar.path_distribution_distance(dict.fromkeys(logps, 0.0), logps))
+        collapsed.append(path_distribution_distance({k: 0.0 if k == top else -1e4 for k in logps}, logps))
+        uniform.append(path_distribution_distance(dict.fromkeys(logps, 0.0), logps))
     keep = ("tv", "kl", "policy_entropy")
     return {
-        "collapsed": {k: v for k, v in ar.mean_distance(collapsed).items() if k in keep},
-        "uniform": {k: v for k, v in ar.mean_distance(uniform).items() if k in keep},
+        "collapsed": {k: v for k, v in mean_distance(collapsed).items() if k in keep},
+        "uniform": {k: v for k, v in mean_distance(uniform).items() if k in keep},
     }
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ar.add_run_arguments(parser)
-    ar.add_arms_argument(parser, ARMS)
+    add_run_arguments(parser)
+    add_arms_argument(parser, ARMS)
     parser.add_argument("--problems", type=int, default=256, help="held-out problems to measure (default 256)")
     parser.add_argument("--problem-seed", type=int, default=0, help="seed of the held-out problems")
     args = parser.parse_args(argv)
     try:
-        arms = ar.parse_arms(args.arms, ARMS)
+        arms = parse_arms(args.arms, ARMS)
     except ValueError as error:
         parser.error(str(error))
-    seeds, spec, output_dir = ar.resolve_run_arguments(args)
+    seeds, spec, output_dir = resolve_run_arguments(args)
     if args.smoke:
         args.problems = 4
-    ar.quiet()
+    quiet()
     start = time.perf_counter()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +102,7 @@ def main(argv=None) -> dict:
     for seed in seeds:
         for name in arms:
             runs[name].append(
-                ar.tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+                tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
             )
 
     measure_start = time.perf_counter()
@@ -122,14 +126,14 @@ def main(argv=None) -> dict:
     for name in arms:
         for seed, record in zip(seeds, runs[name]):
             policy = logps_of(record["model_dir"])
-            per_problem = [ar.path_distribution_distance(q, p) for q, p in zip(policy, reference)]
-            results[name].append({"seed": seed, **ar.mean_distance(per_problem)})
+            per_problem = [path_distribution_distance(q, p) for q, p in zip(policy, reference)]
+            results[name].append({"seed": seed, **mean_distance(per_problem)})
             if seed == seeds[0]:
                 example["policies"][name] = _renormalised(policy[example_index], example["paths"])
     measure_seconds = time.perf_counter() - measure_start
 
-    summary = {name: {key: ar.summarize([r[key] for r in results[name]]) for key in KEYS} for name in arms}
-    itself = ar.mean_distance([ar.path_distribution_distance(p, p) for p in reference])
+    summary = {name: {key: summarize([r[key] for r in results[name]]) for key in KEYS} for name in arms}
+    itself = mean_distance([path_distribution_distance(p, p) for p in reference])
     target = {key: itself[f"reference_{key}"] for key in ("mass", "entropy", "top")}
     scale = anchors(reference)
     paths_per_problem = sum(len(r) for r in reference) / len(reference)
@@ -147,9 +151,9 @@ def main(argv=None) -> dict:
     ]
     print_report(summary, target, scale, arms, seeds, len(problems), paths_per_problem)
     for t in tv_targets:
-        print(f"{t['targets']} ({t['role']}), {ar.LABELS[t['arm']]}: " + bdm.describe_check("tv", t["check"]))
+        print(f"{t['targets']} ({t['role']}), {LABELS[t['arm']]}: " + bdm.describe_check("tv", t["check"]))
 
-    report = ar.report_header("target_distribution", args.smoke, ar.run_settings(args, seeds, spec, arms))
+    report = report_header("target_distribution", args.smoke, run_settings(args, seeds, spec, arms))
     report["settings"].update({"problems": args.problems, "problem_seed": args.problem_seed})
     report.update(
         {
@@ -176,7 +180,7 @@ def main(argv=None) -> dict:
         }
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    ar.write_json(output_dir / "target_distribution.json", report)
+    write_json(output_dir / "target_distribution.json", report)
     plot(runs, summary, scale, example, output_dir / "target_distribution.png")
     print(f"\nwrote {output_dir / 'target_distribution.json'} and target_distribution.png")
     return report
@@ -225,10 +229,10 @@ def _renormalised(logps: dict[str, float], keys: list[str]) -> list[float]:
 
 
 def plot(runs, summary, scale, example, path) -> None:
-    plt = ar.pyplot()
+    plt = pyplot()
     arms = list(summary)
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
-    ar.plot_metric(axes[0], runs, lambda p: p["target"]["tv"], ylabel="total variation to the target")
+    plot_metric(axes[0], runs, lambda p: p["target"]["tv"], ylabel="total variation to the target")
     axes[0].set_xlabel("training step (tracked held-out problems)")
     axes[0].axhline(
         scale["collapsed"]["tv"], color="gray", linestyle="--", linewidth=1, label="collapsed policy (this benchmark)"
@@ -239,9 +243,7 @@ def plot(runs, summary, scale, example, path) -> None:
     width = 0.8 / len(arms)
     for i, name in enumerate(arms):
         xs = [k + (i - (len(arms) - 1) / 2) * width for k in range(len(keys))]
-        axes[1].bar(
-            xs, [summary[name][k]["mean"] for k, _ in keys], width, color=ar.COLORS[name], label=ar.LABELS[name]
-        )
+        axes[1].bar(xs, [summary[name][k]["mean"] for k, _ in keys], width, color=COLORS[name], label=LABELS[name])
         for x, (k, _) in zip(xs, keys):
             axes[1].scatter([x] * len(summary[name][k]["per_seed"]), summary[name][k]["per_seed"], color="k", s=6)
     axes[1].set_xticks(range(len(keys)), [label for _, label in keys])
@@ -254,7 +256,7 @@ def plot(runs, summary, scale, example, path) -> None:
     axes[2].bar(ranks, example["reference"], 0.8, color="lightgray", label="target (reference renormalised)")
     for name, probabilities in example["policies"].items():
         axes[2].plot(
-            ranks, probabilities, marker="o", markersize=3, linewidth=1, color=ar.COLORS[name], label=ar.LABELS[name]
+            ranks, probabilities, marker="o", markersize=3, linewidth=1, color=COLORS[name], label=LABELS[name]
         )
     axes[2].set_xticks(list(ranks))
     axes[2].set_xlabel("valid path (by target probability)")
