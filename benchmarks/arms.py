@@ -40,7 +40,7 @@ OFFICIAL = {
 }
 MATCHING = {
     "objective": "matching",
-    "residual_normalization": "length",
+    "residual_normalization": "sum",
     "reward_in_residual": "reward",
     "log_z_estimate": "group",
 }

@@ -43,14 +43,15 @@ import time
 from dataclasses import asdict, dataclass
 
 from arms import ARMS as ALL_ARMS
-from arms import LABELS
+from arms import COLORS, LABELS
+from learning_rates import add_learning_rate_arguments, learning_rate_protocol, resolve_learning_rates
 from metrics import summarize
 from reporting import plot_metric, pyplot, quiet, report_header, write_json
 from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
 from runs import run_summary, tracked_run
 
 
-ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b5")
+ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching")
 BASELINE = "grpo"
 # (key of a curve point or of its "target" dict, label, scale for display, format)
 METRICS = (
@@ -80,11 +81,13 @@ class Targets:
     tv_max: float | None = None
 
 
+ISSUE18 = Targets("issue 18", paths_ratio=2.5, accuracy_drop_points=2.0, tv_max=0.3)
 ISSUE9 = Targets("issue 9", paths_ratio=3.0, accuracy_drop_points=2.0, tv_max=0.3)
 ISSUE6 = Targets("issue 6", paths_ratio=2.0, accuracy_drop_points=5.0)
 # (arm, targets, role): what each target set is evaluated on
 EVALUATIONS = (
-    ("flowrl_matching", ISSUE9, "target"),
+    ("flowrl_matching", ISSUE18, "target"),
+    ("flowrl_matching", ISSUE9, "superseded"),
     ("flowrl_matching_b5", ISSUE9, "information"),
     ("flowrl", ISSUE6, "superseded"),
 )
@@ -194,6 +197,39 @@ def print_report(initial: dict, final: dict, evaluations: list[dict], seeds: lis
             print("  " + describe_check(name, check, LABELS[evaluation["baseline"]]))
 
 
+def print_sweep(sweep: dict, chosen: dict) -> None:
+    print("\nValidation accuracy (avg@k, %) at the end of training, by learning rate (first seed):")
+    for name, by_rate in sweep.items():
+        cells = ", ".join(
+            f"{lr:g}: {100 * r['curve'][-1]['validation']['accuracy']:.1f}{' (chosen)' if lr == chosen[name] else ''}"
+            for lr, r in by_rate.items()
+        )
+        print(f"  {LABELS[name]}: {cells}")
+
+
+def plot_tradeoff(runs: dict, path) -> None:
+    """Held-out accuracy against distinct correct paths at the end of training: each arm a point per seed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, records in runs.items():
+        finals = [r["curve"][-1] for r in records]
+        xs = [p["distinct_correct_paths"] for p in finals]
+        ys = [100 * p["accuracy"] for p in finals]
+        ax.scatter(xs, ys, color=COLORS[name], alpha=0.6, label=LABELS[name])
+        ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], color=COLORS[name], marker="X", s=120, edgecolor="k")
+    initial = next(iter(runs.values()))[0]["curve"][0]
+    ax.scatter([initial["distinct_correct_paths"]], [100 * initial["accuracy"]], color="k", marker="*", s=150)
+    ax.annotate("initial model", (initial["distinct_correct_paths"], 100 * initial["accuracy"]), fontsize=8)
+    ax.set_xlabel("distinct correct paths per held-out problem")
+    ax.set_ylabel("held-out accuracy (avg@k, %)")
+    ax.set_title("End of training, each arm at its chosen learning rate (dots: seeds, X: mean)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(runs: dict, path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
@@ -217,21 +253,30 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     add_arms_argument(parser, ARMS)
+    add_learning_rate_arguments(parser)
     args = parser.parse_args(argv)
     try:
         arms = parse_arms(args.arms, ARMS)
     except ValueError as error:
         parser.error(str(error))
     seeds, spec, output_dir = resolve_run_arguments(args)
+    learning_rates, spec = resolve_learning_rates(parser, args, spec)
     quiet()
     start = time.perf_counter()
 
-    runs = {name: [] for name in arms}
-    for seed in seeds:  # interleaved, so that a slow spell of the machine does not fall on one arm
-        for name in arms:
-            runs[name].append(
-                tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
-            )
+    def run(name, seed, overrides):
+        return tracked_run(
+            name,
+            seed,
+            args.steps,
+            spec,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+            extra_overrides=overrides,
+        )
+
+    sweep, chosen, runs = learning_rate_protocol(arms, seeds, learning_rates, run)
+    print_sweep(sweep, chosen)
 
     initial = runs[arms[0]][0]["curve"][0]  # every arm starts from the same model and sampling seed
     final = {name: final_summary(records) for name, records in runs.items()}
@@ -242,10 +287,21 @@ def main(argv=None) -> dict:
     ]
     print_report(initial, final, evaluations, seeds, arms)
 
-    report = report_header("distribution_matching", args.smoke, run_settings(args, seeds, spec, arms))
+    settings = run_settings(args, seeds, spec, arms)
+    settings["learning_rates"] = {"choices": learning_rates, "chosen": chosen}
+    report = report_header("distribution_matching", args.smoke, settings)
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,
+            "learning_rate_choice": {
+                name: {
+                    "chosen": chosen[name],
+                    "validation": {f"{lr:g}": r["curve"][-1]["validation"] for lr, r in sweep[name].items()},
+                    "validation_initial": next(iter(sweep[name].values()))["curve"][0]["validation"],
+                    "held_out_final": {f"{lr:g}": r["curve"][-1]["accuracy"] for lr, r in sweep[name].items()},
+                }
+                for name in arms
+            },
             "initial": {key: point_value(initial, key) for key, _, _, _ in METRICS},
             "final": final,
             "evaluations": evaluations,
@@ -255,7 +311,8 @@ def main(argv=None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / "distribution_matching.json", report)
     plot(runs, output_dir / "distribution_matching.png")
-    print(f"\nwrote {output_dir / 'distribution_matching.json'} and distribution_matching.png")
+    plot_tradeoff(runs, output_dir / "distribution_matching_tradeoff.png")
+    print(f"\nwrote {output_dir / 'distribution_matching.json'}, distribution_matching.png and _tradeoff.png")
     return report
 
 

@@ -40,13 +40,14 @@ import time
 
 import bench_distribution_matching as bdm
 from arms import COLORS, LABELS
+from learning_rates import add_learning_rate_arguments, learning_rate_protocol, resolve_learning_rates
 from metrics import mean_distance, path_distribution_distance, summarize
 from reporting import plot_metric, pyplot, quiet, report_header, write_json
 from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
 from runs import tracked_run
 
 
-ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching", "flowrl_matching_b5")
+ARMS = bdm.ARMS
 KEYS = (
     "tv",
     "kl",
@@ -83,12 +84,14 @@ def main(argv=None) -> dict:
     add_arms_argument(parser, ARMS)
     parser.add_argument("--problems", type=int, default=256, help="held-out problems to measure (default 256)")
     parser.add_argument("--problem-seed", type=int, default=0, help="seed of the held-out problems")
+    add_learning_rate_arguments(parser)
     args = parser.parse_args(argv)
     try:
         arms = parse_arms(args.arms, ARMS)
     except ValueError as error:
         parser.error(str(error))
     seeds, spec, output_dir = resolve_run_arguments(args)
+    learning_rates, spec = resolve_learning_rates(parser, args, spec)
     if args.smoke:
         args.problems = 4
     quiet()
@@ -98,12 +101,18 @@ def main(argv=None) -> dict:
 
     from trl_flowrl.tasks import embedded_model_path, generate_problems, path_log_probs
 
-    runs = {name: [] for name in arms}
-    for seed in seeds:
-        for name in arms:
-            runs[name].append(
-                tracked_run(name, seed, args.steps, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache)
-            )
+    def run(name, seed, overrides):
+        return tracked_run(
+            name,
+            seed,
+            args.steps,
+            spec,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+            extra_overrides=overrides,
+        )
+
+    _, chosen, runs = learning_rate_protocol(arms, seeds, learning_rates, run)
 
     measure_start = time.perf_counter()
     problems = generate_problems(args.problems, seed=args.problem_seed, split="test")
@@ -147,13 +156,15 @@ def main(argv=None) -> dict:
             ),
         }
         for arm, targets, role in bdm.EVALUATIONS
-        if targets.tv_max is not None and arm in summary
+        if targets.tv_max is not None and arm in summary and role != "superseded"
     ]
     print_report(summary, target, scale, arms, seeds, len(problems), paths_per_problem)
     for t in tv_targets:
         print(f"{t['targets']} ({t['role']}), {LABELS[t['arm']]}: " + bdm.describe_check("tv", t["check"]))
 
-    report = report_header("target_distribution", args.smoke, run_settings(args, seeds, spec, arms))
+    settings = run_settings(args, seeds, spec, arms)
+    settings["learning_rates"] = {"choices": learning_rates, "chosen": chosen}
+    report = report_header("target_distribution", args.smoke, settings)
     report["settings"].update({"problems": args.problems, "problem_seed": args.problem_seed})
     report.update(
         {

@@ -310,7 +310,13 @@ def tracked_run(
     training_args.output_dir = str(run_dir / "model")
     tokenizer = AutoTokenizer.from_pretrained(model["path"])
     dataset = _load_dataset(script_args, training_args.seed)
-    tracker = HeldOutTracker(spec, tokenizer, training_args.max_completion_length, training_args.temperature)
+    tracker = HeldOutTracker(
+        spec,
+        tokenizer,
+        training_args.max_completion_length,
+        training_args.temperature,
+        dataset["terms"] if spec.validation_problems else (),
+    )
     trainer = _counting(trainer_cls)(
         model=model["path"],
         reward_funcs=[_build_reward(script_args)],

@@ -45,6 +45,7 @@ COMMANDS = {
     "distribution_matching": "python benchmarks/bench_distribution_matching.py",
     "experience": "python benchmarks/bench_experience.py",
     "target_distribution": "python benchmarks/bench_target_distribution.py",
+    "matching_toy": "python benchmarks/bench_matching_toy.py",
 }
 
 
@@ -213,6 +214,36 @@ def _evaluation_lines(evaluation: dict, report: dict) -> list[str]:
     return ["", intro] + [_check_line(n, c, baseline) for n, c in evaluation["checks"].items()]
 
 
+def _learning_rate_lines(report: dict) -> list[str]:
+    """The learning-rate choice of benchmark 2: validation figures of each arm's runs, one column per rate."""
+    choice = report.get("learning_rate_choice")
+    if not choice:
+        return []
+    rates = list(next(iter(choice.values()))["validation"])
+    seed = report["settings"]["seeds"][0]
+    e = report["settings"]["eval"]
+    lines = [
+        "",
+        f"Learning rates, chosen per arm on a validation split ({e.get('validation_problems', 0)} train-split problems "
+        f"outside the training set x {e['num_samples']} samples, never the held-out problems): one run per rate with "
+        f"seed {seed} and the same {report['settings']['steps']} steps for every arm, the best validation accuracy "
+        "wins, and the other seeds run at it. Validation accuracy (%) and distinct correct paths at the end of each "
+        "run:",
+        "",
+        "| arm | initial | " + " | ".join(f"lr {r}" for r in rates) + " | chosen |",
+        "|---|---:|" + "---:|" * len(rates) + "---:|",
+    ]
+    for name, c in choice.items():
+        start = c["validation_initial"]
+        cells = [f"{100 * start['accuracy']:.1f} / {start['distinct_correct_paths']:.2f}"]
+        cells += [
+            f"{100 * c['validation'][r]['accuracy']:.1f} / {c['validation'][r]['distinct_correct_paths']:.2f}"
+            for r in rates
+        ]
+        lines.append(f"| {_label(name, report)} | " + " | ".join([*cells, f"{c['chosen']:g}"]) + " |")
+    return lines
+
+
 def render_distribution_matching(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
     lines = ["### 2. Distribution matching: GRPO, GRPO + KL and FlowRL's two objectives on the embedded task", ""]
     lines += _provenance(report, "distribution_matching")
@@ -230,10 +261,14 @@ def render_distribution_matching(report: dict, results_dir: Path, readme_dir: Pa
         cells = [fmt.format(scale * start) if start is not None else "-"]
         cells += [_mean_and_seeds(final[name][key], fmt, scale) if key in final[name] else "-" for name in arms]
         rows.append((label, cells))
+    lines += _learning_rate_lines(report)
     lines += [""] + _table("at the end of training, mean (per seed)", arms, rows, report, first=("initial",))
     for evaluation in report.get("evaluations", []):
         lines += _evaluation_lines(evaluation, report)
-    return lines + _image(results_dir, readme_dir, "distribution_matching", "distribution matching curves")
+    lines += _image(results_dir, readme_dir, "distribution_matching", "distribution matching curves")
+    if (results_dir / "distribution_matching_tradeoff.png").is_file():
+        lines += _image(results_dir, readme_dir, "distribution_matching_tradeoff", "accuracy against distinct paths")
+    return lines
 
 
 # -- benchmark 3 ---------------------------------------------------------------------------------------------------
@@ -393,6 +428,76 @@ def render_target_distribution(report: dict, results_dir: Path, readme_dir: Path
     return lines + _image(results_dir, readme_dir, "target_distribution", "distance to the target distribution")
 
 
+# -- benchmark 5 ---------------------------------------------------------------------------------------------------
+
+
+def _toy_table(report: dict) -> list[str]:
+    """Rows: the arms; columns: each toy variant and beta, with the arm's best learning rate (lowest mean TV)."""
+    rows: dict[tuple, list] = {}
+    for run in report["runs"]:
+        rows.setdefault((run["arm_name"], run["lengths"], run["beta"], run["lr"]), []).append(run)
+    arms = list(dict.fromkeys(key[0] for key in rows))
+    panels = list(dict.fromkeys(key[1:3] for key in rows))
+    header = ["arm", *(f"{lengths} lengths, beta {beta:g}" for lengths, beta in panels)]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(panels)]
+    for arm in arms:
+        cells = []
+        for lengths, beta in panels:
+            by_lr = {k[3]: v for k, v in rows.items() if k[:3] == (arm, lengths, beta)}
+            if not by_lr:
+                cells.append("-")
+                continue
+            lr, runs = min(by_lr.items(), key=lambda item: sum(r["tv"] for r in item[1]) / len(item[1]))
+            tvs = [r["tv"] for r in runs]
+            clipped = sum(r["clipped_fraction"] for r in runs) / len(runs)
+            cells.append(
+                f"{sum(tvs) / len(tvs):.3f} ({_per_seed(tvs, '{:.3f}')}) at lr {lr:g}, {100 * clipped:.0f}% clipped"
+            )
+        lines.append("| " + " | ".join([arm, *cells]) + " |")
+    return lines
+
+
+def render_matching_toy(reports: dict, results_dir: Path, readme_dir: Path) -> list[str]:
+    lines = ['### 5. The matching preset on an enumerable toy: why "length" matched slowly, and "sum"', ""]
+    first = next(iter(reports.values()))
+    lines += _provenance(first, "matching_toy")
+    lines[-1] += (
+        " A tiny transformer pre-trained as the reference writes one of 16 valid answers (9 tokens each, or 3 to 12) "
+        "with uneven probabilities; the policy is trained with the project's trajectory-balance loss (group log Z, "
+        "raw 0/1 reward), 4 groups x 16 samples per step, AdamW, `max_grad_norm` 1 unless the arm says otherwise. "
+        'Total variation to p* is exact (the 16 answers and "anything else"). Each cell: the mean over 3 seeds '
+        "(per seed) at the arm's best learning rate of those run, and the share of steps whose gradient was clipped."
+    )
+    for name, report in reports.items():
+        s = report["settings"]
+        lrs = ", ".join(f"{lr:g}" for lr in s["lrs"])
+        lines += [
+            "",
+            f"`{name}.json`: {s['steps']} steps, {s.get('schedule', 'linear')} learning rate, rates {lrs}:",
+            "",
+        ]
+        lines += _toy_table(report)
+    long_path = results_dir / "matching_toy_long.json"
+    if long_path.is_file():
+        long = json.loads(long_path.read_text())
+        lines += [
+            "",
+            "Gradient norm of one step before clipping, at long completions (`--long`: a tiny model, hidden size 64, "
+            "a policy perturbed from its reference, 4 random completions, rewards 1, 0, 1, 0, beta 15):",
+            "",
+            '| completion tokens | "sum" | "length" | largest \\|residual\\|, "sum" |',
+            "|---:|---:|---:|---:|",
+        ]
+        for row in long["rows"]:
+            lines.append(
+                f"| {row['tokens']} | {row['sum']['grad_norm']:.3g} | {row['length']['grad_norm']:.3g} | "
+                f"{row['sum']['residual_abs_max']:.3g} |"
+            )
+    for name in reports:
+        lines += _image(results_dir, readme_dir, name, f"toy: {name}")
+    return lines
+
+
 # -- assembly ------------------------------------------------------------------------------------------------------
 
 
@@ -429,6 +534,11 @@ def render(results_dir: Path, readme_dir: Path) -> str:
         + ("; ".join(f"{m or 'unrecorded'} ({d})" for m, d in sorted(machines, key=str)) or "none yet")
         + ".",
     ]
+    toys = {path.stem: json.loads(path.read_text()) for path in sorted(results_dir.glob("matching_toy_*.json"))}
+    toys = {name: report for name, report in toys.items() if "runs" in report}
+    if toys:
+        machines.add((next(iter(toys.values())).get("machine"), "cpu"))
+        sections.append(render_matching_toy(toys, results_dir, readme_dir))
     if missing:
         lines += ["", "Not run yet: benchmark " + ", ".join(missing) + "."]
     for section in sections:

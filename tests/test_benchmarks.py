@@ -25,7 +25,8 @@ import bench_distribution_matching as bdm  # noqa: E402
 import bench_experience as bex  # noqa: E402
 import write_results  # noqa: E402
 from arms import ARMS, LABELS, TRAINER_NAMES  # noqa: E402
-from heldout import EvalSpec  # noqa: E402
+from heldout import EvalSpec, validation_benchmark  # noqa: E402
+from learning_rates import learning_rate_protocol  # noqa: E402
 from metrics import (  # noqa: E402
     mean_curve,
     mean_distance,
@@ -342,6 +343,49 @@ def test_replace_block_keeps_everything_outside_the_markers():
             write_results.replace_block(broken, "x\n")
 
 
+# -- the learning-rate protocol -------------------------------------------------------------------------------------
+
+
+def _fake_run(validation):
+    """A `run` for learning_rate_protocol that records its calls; `validation[(arm, lr)]` is the final accuracy."""
+    calls = []
+
+    def run(name, seed, overrides):
+        lr = float(overrides[1])
+        calls.append((name, seed, lr))
+        return {"seed": seed, "lr": lr, "curve": [{"validation": {"accuracy": validation.get((name, lr), 0.0)}}]}
+
+    return run, calls
+
+
+def test_learning_rate_protocol_chooses_on_validation_and_reuses_the_chosen_run():
+    run, calls = _fake_run({("a", 1e-4): 0.5, ("a", 3e-4): 0.7, ("b", 1e-4): 0.6, ("b", 3e-4): 0.6})
+    sweep, chosen, runs = learning_rate_protocol(["a", "b"], [0, 1, 2], [1e-4, 3e-4], run)
+    assert chosen == {"a": 3e-4, "b": 1e-4}  # a tie goes to the smaller rate
+    assert runs["a"][0] is sweep["a"][3e-4] and [r["seed"] for r in runs["a"]] == [0, 1, 2]
+    assert {r["lr"] for r in runs["b"]} == {1e-4}
+    # the same budget for every arm (one run per rate, first seed), then the other seeds interleaved
+    assert calls == [
+        ("a", 0, 1e-4), ("a", 0, 3e-4), ("b", 0, 1e-4), ("b", 0, 3e-4),
+        ("a", 1, 3e-4), ("b", 1, 1e-4), ("a", 2, 3e-4), ("b", 2, 1e-4),
+    ]  # fmt: skip
+
+
+def test_validation_split_is_neither_training_nor_held_out():
+    from trl_flowrl.tasks import arithmetic_dataset, is_held_out
+
+    training = arithmetic_dataset(2000, seed=0, split="train")["terms"]
+    benchmark = validation_benchmark(64, training)
+    terms = [tuple(sorted(row["terms"])) for row in benchmark.rows]
+    assert len(set(terms)) == 64
+    assert not set(terms) & {tuple(sorted(t)) for t in training}
+    assert not any(is_held_out(t) for t in terms)
+    assert validation_benchmark(64, training).rows == benchmark.rows  # the same problems for every run
+    assert benchmark.grader is not None and benchmark.path_id is not None
+    with pytest.raises(ValueError, match="validation_problems"):
+        EvalSpec(validation_problems=-1)
+
+
 def _table_rows_off_header(markdown: str) -> list[str]:
     """The rows of the markdown tables in `markdown` whose number of cells is not their header's (GitHub drops the
     cells past the header's columns, and pads a short row)."""
@@ -395,7 +439,7 @@ def smoke_outputs(tmp_path_factory):
             env=env,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=900,
         )
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         logs[script] = result.stdout
@@ -414,8 +458,18 @@ def test_distribution_matching_smoke(smoke_outputs):
     output_dir, logs = smoke_outputs
     report = _load(output_dir, "distribution_matching")
     log = logs["bench_distribution_matching"]
-    assert "issue 9 (target): FlowRL matching (beta 15) against GRPO:" in log
+    assert "issue 18 (target): FlowRL matching (beta 15) against GRPO:" in log
     assert list(report["runs"]) == list(bdm.ARMS) == list(report["settings"]["arms"])
+    # the learning-rate protocol: two rates in smoke mode, chosen on the validation split, the chosen run reused
+    assert report["settings"]["learning_rates"]["choices"] == [1e-4, 3e-4]
+    for name, choice in report["learning_rate_choice"].items():
+        assert set(choice["validation"]) == {"0.0001", "0.0003"}
+        best = max(v["accuracy"] for v in choice["validation"].values())
+        assert choice["validation"][f"{choice['chosen']:g}"]["accuracy"] == best
+        (run,) = report["runs"][name]
+        assert run["config"]["learning_rate"] == choice["chosen"]
+        assert run["curve"][-1]["validation"]["accuracy"] == best and "validation" not in run["curve"][1]
+    assert (output_dir / "distribution_matching_tradeoff.png").stat().st_size > 1000
     for name in bdm.ARMS:
         (run,) = report["runs"][name]
         assert run["arm"] == name and run["cached"] is False
@@ -433,11 +487,7 @@ def test_distribution_matching_smoke(smoke_outputs):
         assert set(report["final"][name]) >= {"accuracy", "distinct_correct_paths", "tv", "kl", "kl_reverse"}
     assert report["runs"]["grpo_kl"][0]["config"]["loss_type"] == report["runs"]["grpo"][0]["config"]["loss_type"]
     evaluations = {(e["arm"], e["role"]) for e in report["evaluations"]}
-    assert evaluations == {
-        ("flowrl_matching", "target"),
-        ("flowrl_matching_b5", "information"),
-        ("flowrl", "superseded"),
-    }
+    assert evaluations == {("flowrl_matching", "target"), ("flowrl_matching", "superseded"), ("flowrl", "superseded")}
     for evaluation in report["evaluations"]:
         assert evaluation["met"] == all(c["met"] for c in evaluation["checks"].values())
 
@@ -486,7 +536,7 @@ def test_target_distribution_smoke(smoke_outputs):
     assert sum(report["example"]["reference"]) == pytest.approx(1.0)
     # issue 9's TV bound, checked on these problems too
     tv_targets = {(t["arm"], t["role"]): t["check"] for t in report["tv_targets"]}
-    assert set(tv_targets) == {("flowrl_matching", "target"), ("flowrl_matching_b5", "information")}
+    assert set(tv_targets) == {("flowrl_matching", "target")}
     check = tv_targets[("flowrl_matching", "target")]
     assert check["value"] == report["summary"]["flowrl_matching"]["tv"]["mean"] and check["threshold"] == 0.3
     assert check["met"] == (check["value"] <= 0.3)
@@ -511,10 +561,12 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     columns = " | ".join(LABELS[name] for name in bdm.ARMS)
     assert f"| at the end of training, mean (per seed) | initial | {columns} |" in text  # one column per arm
     assert f"| final policy, mean (per seed) | {columns} |" in text
-    assert "Targets (issue 9), FlowRL matching (beta 15) against GRPO: **" in text
-    assert "The same figures for FlowRL matching (beta 5) against GRPO (information, not a target)" in text
-    assert "`--objective matching --beta 5`" in text  # what each arm is
-    assert "Issue 9's bound on these problems, FlowRL matching (beta 15) (target):" in text
+    assert "Targets (issue 18), FlowRL matching (beta 15) against GRPO: **" in text
+    assert "The former target of issue 9, FlowRL matching (beta 15) against GRPO" in text
+    assert "`--objective matching --beta 15`" in text  # what each arm is
+    assert "Issue 18's bound on these problems, FlowRL matching (beta 15) (target):" in text
+    assert "| arm | initial | lr 0.0001 | lr 0.0003 | chosen |" in text  # the learning-rate choice
+    assert "distribution_matching_tradeoff.png" in text
     assert "Not run yet: benchmark 1 (overhead)" in text  # no overhead.json here: skipped, and said so
     assert text.count("Smoke run") == 3
     assert "](" in text and "distribution_matching.png" in text
@@ -562,3 +614,38 @@ def test_overhead_smoke(tmp_path):
     assert any(line.startswith("| FlowRL official |") for line in lines)
     assert any(line.startswith("| FlowRL matching, log Z head |") for line in lines)
     assert any("Target flowrl/grpo_kl <= 1.03" in line for line in lines)
+
+
+# -- the enumerable toy of the matching preset ----------------------------------------------------------------------
+
+
+def test_matching_toy_distance_is_exact_and_the_smoke_run_writes_its_report(tmp_path):
+    import bench_matching_toy as toy_bench
+    import torch
+
+    toy = toy_bench.Toy("unequal", pretrain_steps=30)
+    assert len(set(toy.answers)) == 16 and len({len(a) for a in toy.answers}) > 1
+    reference = toy.valid_logps(toy.reference).exp().double()
+    mass = float(reference.sum())
+    for beta in (5.0, 15.0):
+        # p* over the 16 answers and "anything else": pi_ref * e^beta on the answers, pi_ref on the rest
+        norm = mass * math.exp(beta) + (1 - mass)
+        target = [*(reference * math.exp(beta) / norm).tolist(), (1 - mass) / norm]
+        policy = [*reference.tolist(), 1 - mass]
+        distance = toy.distance(toy.reference, beta)
+        assert distance["tv"] == pytest.approx(0.5 * sum(abs(p - q) for p, q in zip(policy, target)), rel=1e-6)
+        assert distance["tv_among_valid"] == pytest.approx(0.0, abs=1e-12)  # the reference's own proportions
+        assert distance["valid_mass"] == pytest.approx(mass)
+    # a sampled completion's summed log-probs are the ones the distance uses
+    rows = toy_bench.sample(toy.reference, 4, toy.max_length + 1, torch.Generator().manual_seed(0))
+    assert all(len(row) <= toy.max_length + 1 for row in rows)
+
+    report = toy_bench.main(["--smoke", "--output-dir", str(tmp_path)])
+    assert [run["arm_name"] for run in report["runs"]] == ["length, clip 1", "sum, clip 1"]
+    assert all(0.0 <= run["tv"] <= 1.0 for run in report["runs"])
+    assert (tmp_path / "matching_toy_smoke.png").stat().st_size > 1000
+    long = toy_bench.main(["--long", "--smoke", "--output-dir", str(tmp_path)])
+    assert [row["tokens"] for row in long["rows"]] == [64, 128]
+    # the summed residual's gradient is the length-divided one's times about n^2 (equal lengths, same residuals)
+    for row in long["rows"]:
+        assert row["sum"]["grad_norm"] > row["tokens"] * row["length"]["grad_norm"]
