@@ -27,15 +27,29 @@ def test_matching_preset_and_explicit_values_win(tmp_path):
     config = make_config(tmp_path, objective="matching")
     assert config.beta == 15.0  # the same number as the official objective, in another role
     assert (config.residual_normalization, config.reward_in_residual, config.log_z_estimate) == (
-        "length",
+        "sum",
         "reward",
         "group",
     )
-    config = make_config(tmp_path, objective="matching", beta=8.0, residual_normalization="sum", log_z_estimate="head")
-    assert (config.beta, config.residual_normalization, config.log_z_estimate) == (8.0, "sum", "head")
+    config = make_config(
+        tmp_path, objective="matching", beta=8.0, residual_normalization="length", log_z_estimate="head"
+    )
+    assert (config.beta, config.residual_normalization, config.log_z_estimate) == (8.0, "length", "head")
     assert config.reward_in_residual == "reward"  # still the preset's
     # the official preset leaves explicit ingredients alone too
     assert make_config(tmp_path, reward_in_residual="reward").residual_normalization == "token_mean"
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, None])
+def test_summed_residual_without_clipping_warns(tmp_path, caplog, max_grad_norm):
+    with caplog.at_level("WARNING", logger="trl_flowrl.flowrl.flowrl_config"):
+        make_config(tmp_path, objective="matching", max_grad_norm=max_grad_norm)
+    assert "no gradient clipping" in caplog.text and "max_grad_norm" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trl_flowrl.flowrl.flowrl_config"):
+        make_config(tmp_path, objective="matching")  # TRL's default max_grad_norm=1.0
+        make_config(tmp_path, objective="matching", residual_normalization="length", max_grad_norm=0.0)
+    assert "no gradient clipping" not in caplog.text
 
 
 def test_group_estimate_needs_whole_groups_on_each_process(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", 
 # What `objective` sets. "official" is the official code's loss; "matching" departs from it (see the docstring).
 OBJECTIVE_PRESETS = {
     "official": {"residual_normalization": "token_mean", "reward_in_residual": "advantage", "log_z_estimate": "head"},
-    "matching": {"residual_normalization": "length", "reward_in_residual": "reward", "log_z_estimate": "group"},
+    "matching": {"residual_normalization": "sum", "reward_in_residual": "reward", "log_z_estimate": "group"},
 }
 PRESET_BETA = {"official": 15.0, "matching": 15.0}
 
@@ -40,10 +40,13 @@ class FlowRLConfig(GRPOConfig):
       GRPO's (sequence-mean) plus a squared log-ratio pull toward π_ref of weight about 1/β. In practice it behaves
       like GRPO with a weak KL term; it matches p* only for one-token completions.
     - `"matching"` (**a departure from the paper**): an objective whose fixed point is p* whatever the completion
-      length, with bounded gradients: trajectory balance with summed log-probs, the whole residual divided by the
-      length (`residual_normalization="length"`), the raw reward (`reward_in_residual="reward"`), log Z estimated from
-      each group (`log_z_estimate="group"`, no head) and β = 15. Among completions of equal reward it keeps π_ref's
-      relative probabilities: rare but valid paths stay alive.
+      length: exact trajectory balance with summed log-probs (`residual_normalization="sum"`), the raw reward
+      (`reward_in_residual="reward"`), log Z estimated from each group (`log_z_estimate="group"`, no head, as in TBA's
+      VarGrad trajectory balance) and β = 15. Among completions of equal reward it keeps π_ref's relative
+      probabilities: rare but valid paths stay alive. It relies on gradient clipping (`max_grad_norm`, TRL's default
+      1.0): a summed residual's gradient norm is far above 1 (measured: 20-300 on a 9-token toy, 5e3 at 1k and 3e4
+      at 8k completion tokens), so every step is clipped to the same norm, which is what makes it match (see
+      `residual_normalization`).
 
     `objective` only sets the defaults of the four fields it names (`residual_normalization`, `reward_in_residual`,
     `log_z_estimate`, `beta`); a value given explicitly always wins. After construction those fields hold the values
@@ -85,14 +88,27 @@ class FlowRLConfig(GRPOConfig):
             restricted to its correct completions: it never asks to keep wrong answers, however hard the problem. A
             smaller β is a softer target (β = 5: odds 148, so a problem the reference solves 1% of the time has a
             target at 60% accuracy) that is matched sooner: larger β lets the reward dominate the residual, which
-            slows the matching among correct completions. Measured on the built-in task (300 steps, 3 seeds, benchmark
-            2): β = 15 ends at 80.3% held-out accuracy, 3.78 distinct correct paths per problem and total variation
-            0.59 to the target; β = 5 at 62.9%, 5.12 and 0.30 (a tabular check: 0.19 and 0.03).
+            slows the matching among correct completions. Measured on the built-in task with the earlier `"length"`
+            preset and the earlier embedded model (300 steps, 3 seeds, benchmark 2 of 2026-12-02): β = 15 ended at
+            80.3% held-out accuracy, 3.78 distinct correct paths per problem and total variation 0.59 to the target;
+            β = 5 at 62.9%, 5.12 and 0.30. On the enumerable toy (`"sum"`, 500 steps): TV 0.07 at β = 15, 0.04 at
+            β = 5.
         residual_normalization (`str` or `None`, *optional*, defaults to `None`):
             How the residual treats the completion length. `"token_mean"` (official): mean log-probs over tokens.
-            `"sum"`: summed log-probs, exact trajectory balance (fixed point p*; gradients grow with the length).
-            `"length"`: the summed residual divided by the completion length as a whole (same fixed point as `"sum"`,
-            per-token gradients bounded). `None` takes the objective's value.
+            `"sum"` (matching): summed log-probs, exact trajectory balance (fixed point p*). `"length"`: the summed
+            residual divided by the completion length as a whole (the same fixed point; the matching preset until
+            measured otherwise). `None` takes the objective's value. Why `"sum"` for the matching preset, measured
+            with `benchmarks/bench_matching_toy.py` (an enumerable toy: a tiny transformer, 16 valid answers of 9
+            tokens, or of 3 to 12, with uneven reference probabilities; 200 steps, 3 seeds, exact total variation to
+            p*, β = 15): at each one's best of three learning rates, `"sum"` ends at TV 0.14 (equal lengths) and 0.15
+            (unequal), `"length"` at 0.45 and 0.24. Dividing by the length changes no fixed point, only the gradient's
+            scale: a summed residual's gradient is above `max_grad_norm` at every step and is clipped to it, the
+            length-divided one (about n² smaller) is not, and clipping "length" at 1/81 instead of 1 recovers "sum"'s
+            result (0.18), while a shorter Adam memory (β2 = 0.99) does not (0.42). Without clipping both match
+            slowly (TV 0.38-0.47): keep `max_grad_norm` set (FlowRL warns when it is not). Long completions stay
+            bounded the same way: the summed residual's gradient norm grows with the length (5e3 at 1k tokens, 3e4 at
+            8k on a tiny model) and is clipped to `max_grad_norm`; longer completions then weigh more in the clipped
+            direction.
         reward_in_residual (`str` or `None`, *optional*, defaults to `None`):
             What enters the residual as r_i. `"advantage"` (official): TRL's group-normalised advantage
             `(reward − group mean) / (group std + eps)` (with `scale_rewards="group"`, the default). `"reward"`: the raw
@@ -242,6 +258,7 @@ class FlowRLConfig(GRPOConfig):
             self.beta = PRESET_BETA[self.objective]
         super().__post_init__()
         self._check_flowrl_fields()
+        self._warn_unclipped_sum()
         self._refuse_grpo_loss_options()
         self._ignore_grpo_loss_options()
 
@@ -349,6 +366,18 @@ class FlowRLConfig(GRPOConfig):
             raise ValueError(
                 "off_policy_mask_threshold is a GRPO loss option that FlowRL does not use; set it to None. FlowRL "
                 "bounds off-policy updates with importance_weight_clipping instead."
+            )
+
+    def _warn_unclipped_sum(self):
+        # Not an error: the fixed point is the same; but on the toy of benchmarks/bench_matching_toy.py unclipped
+        # summed residuals matched about 3x more slowly (see residual_normalization).
+        if self.residual_normalization == "sum" and not (self.max_grad_norm and self.max_grad_norm > 0):
+            logger.warning(
+                "FlowRL with residual_normalization='sum' and no gradient clipping (max_grad_norm=%s): summed "
+                "residuals have gradient norms far above 1 that grow with the completion length, and without clipping "
+                "they matched the target distribution about 3x more slowly in benchmarks/bench_matching_toy.py. Set "
+                "max_grad_norm (TRL's default is 1.0).",
+                self.max_grad_norm,
             )
 
     def _ignore_grpo_loss_options(self):

@@ -19,10 +19,12 @@ What each normalisation does (the target is p*(y|x) ∝ π_ref(y|x) · exp(β ·
   longer than one token is much sharper than p* (near an argmax for long ones). With the advantage as r_i, the
   per-sample gradient is 2β · [−A_i + (g_i + log Z) / β] · ∇ mean_t log π_θ: GRPO's sequence-mean gradient plus a
   squared log-ratio pull toward π_ref of weight about 1/β. It matches p* only for one-token completions.
-- `"sum"`: exact trajectory balance. δ_i = 0 for every y exactly when π_θ = p* and log Z is its log-partition; the
-  expected gradient with that log Z is twice the gradient of KL(π_θ || p*). Gradients grow with the length.
+- `"sum"` (the matching preset): exact trajectory balance. δ_i = 0 for every y exactly when π_θ = p* and log Z is its
+  log-partition; the expected gradient with that log Z is twice the gradient of KL(π_θ || p*). Gradients grow with the
+  length (far above a `max_grad_norm` of 1), so with gradient clipping every optimiser step has the same norm.
 - `"length"`: the "sum" residual divided by n_i. Same zero set, hence the same fixed point, but each token's gradient
-  is 2 w_i δ_i / n_i², bounded for long chains of thought (δ_i / n_i is a per-token log-ratio scale).
+  is 2 w_i δ_i / n_i², about n² smaller: below the clipping threshold, and it matched p* more slowly on the
+  enumerable toy of `benchmarks/bench_matching_toy.py` (see `FlowRLConfig.residual_normalization`).
 
 Deliberate choices, following the maintained official code:
 - w is a *product* of token ratios (a sum of log-ratios) whatever the normalisation of δ; with `"token_mean"` this is
