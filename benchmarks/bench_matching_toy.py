@@ -341,6 +341,9 @@ def plot(report: dict, path: Path) -> None:
             for r in mine:
                 ax.scatter([r["lr"]] * len(r["tv"]), r["tv"], color=line.get_color(), s=8, alpha=0.5)
         ax.set_xscale("log")
+        rates = sorted({r["lr"] for r in rows})
+        ax.set_xticks(rates, [f"{lr:g}" for lr in rates])
+        ax.minorticks_off()
         ax.set_xlabel("learning rate")
         ax.set_ylabel("total variation to p* at the end")
         ax.set_title(f"{lengths} lengths, beta {beta:g}", fontsize=10)
@@ -440,7 +443,7 @@ def main(argv=None) -> dict:
                 f"clipped {report['runs'][-1]['clipped_fraction']:.0%}  [{time.perf_counter() - start:.0f} s]",
                 flush=True,
             )
-    name = "matching_toy_smoke.json" if args.smoke else f"matching_toy_{args.schedule}.json"
+    name = "matching_toy_smoke.json" if args.smoke else f"matching_toy_{args.schedule}_{args.steps}steps.json"
     (output / name).write_text(json.dumps(report, indent=1))
     plot(report, (output / name).with_suffix(".png"))
     return report
