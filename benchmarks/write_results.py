@@ -150,8 +150,13 @@ DM_METRICS = (
 def _settings_line(report: dict) -> str:
     s = report["settings"]
     e = s["eval"]
+    chosen = (s.get("learning_rates") or {}).get("chosen") if isinstance(s.get("learning_rates"), dict) else None
+    settings = "the recipes' embedded settings"
+    if chosen:
+        rates = ", ".join(f"{_label(name, report)} {lr:g}" for name, lr in chosen.items())
+        settings += f" except the learning rate, chosen per arm on a validation split ({rates})"
     return (
-        f"Seeds {', '.join(map(str, s['seeds']))}; {s['steps']} steps per run with the recipes' embedded settings; "
+        f"Seeds {', '.join(map(str, s['seeds']))}; {s['steps']} steps per run with {settings}; "
         f"held-out evaluation every {e['every']} steps on the same {e['num_problems']} problems x "
         f"{e['num_samples']} samples at temperature {s.get('eval_temperature', 1.0)}."
     )
@@ -241,6 +246,19 @@ def _learning_rate_lines(report: dict) -> list[str]:
             for r in rates
         ]
         lines.append(f"| {_label(name, report)} | " + " | ".join([*cells, f"{c['chosen']:g}"]) + " |")
+    others = [
+        seconds
+        for c in choice.values()
+        for rate, seconds in c.get("seconds", {}).items()
+        if float(rate) != c["chosen"]
+    ]
+    if others:
+        train, evaluation = sum(s["train"] for s in others), sum(s["eval"] for s in others)
+        lines += [
+            "",
+            f"The rates not chosen took {len(others)} more runs ({_minutes(train)} of training, "
+            f"{_minutes(evaluation)} of evaluation) than the runs counted above.",
+        ]
     return lines
 
 
@@ -401,7 +419,7 @@ def render_target_distribution(report: dict, results_dir: Path, readme_dir: Path
     s = report["settings"]
     lines[-1] += (
         f" The final policies of the runs of benchmark 2 (seeds {', '.join(map(str, s['seeds']))}, {s['steps']} "
-        f"steps) on {s['problems']} held-out problems, every valid path enumerated ({report['paths_per_problem']:.1f} "
+        f"steps{', each arm at its chosen learning rate' if isinstance(s.get('learning_rates'), dict) else ''}) on {s['problems']} held-out problems, every valid path enumerated ({report['paths_per_problem']:.1f} "
         "per problem on average); the target among them is the reference model renormalised. The matching "
         "objective's fixed point is that target; the official objective's is π_ref · exp(β · |y| · A), not it."
     )
@@ -485,7 +503,7 @@ def render_matching_toy(reports: dict, results_dir: Path, readme_dir: Path) -> l
             "Gradient norm of one step before clipping, at long completions (`--long`: a tiny model, hidden size 64, "
             "a policy perturbed from its reference, 4 random completions, rewards 1, 0, 1, 0, beta 15):",
             "",
-            '| completion tokens | "sum" | "length" | largest \\|residual\\|, "sum" |',
+            '| completion tokens | "sum" | "length" | largest absolute residual, "sum" |',
             "|---:|---:|---:|---:|",
         ]
         for row in long["rows"]:
