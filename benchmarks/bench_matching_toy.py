@@ -8,7 +8,7 @@ p*(y) ∝ π_ref(y) · exp(β · r(y)), and since only 16 sequences are rewarded
 teacher-forced log-probabilities of the 16 answers, and one remaining outcome, "anything else".
 
 Each run trains the policy as the trainer does (sampled groups, the project's `trajectory_balance_terms` with the group
-estimate of log Z and the raw reward, AdamW, a linearly decaying learning rate, optional clipping of the global
+estimate of log Z and the raw reward, AdamW, a linearly decaying or constant learning rate, optional clipping of the global
 gradient norm as the Trainer's `max_grad_norm`), and records the pre-clipping gradient norm of every step. Arms differ in
 the residual's normalisation (`sum`: exact trajectory balance; `length`: the same residual divided by the completion
 length), in gradient clipping and, as a diagnostic, in Adam's β2. Every arm runs at several learning rates and seeds;
@@ -17,8 +17,15 @@ the table gives the final total variation (TV) to the target, per seed.
 `--long` measures instead the gradient norm of one step at completion lengths of 1k to 8k tokens (random completions
 of a tiny model whose policy differs from its reference by a small perturbation), for both normalisations.
 
-Run: `python benchmarks/bench_matching_toy.py` (a few minutes on one thread) and `--long`; `--smoke` checks that it
-runs. Writes `benchmarks/results/matching_toy.json` and a plot.
+The README's results came from (each about 15 minutes on one thread, beside other jobs):
+
+    python benchmarks/bench_matching_toy.py                     # 6 arms x 3 rates, 200 steps, linear decay
+    python benchmarks/bench_matching_toy.py --schedule constant --steps 500 --betas 15,5 --lrs 5e-4,1e-3 --arms 0,1
+    python benchmarks/bench_matching_toy.py --schedule constant --steps 1000 --lrs 5e-4 --arms 0,1
+    python benchmarks/bench_matching_toy.py --long              # gradient norms at 1k-8k tokens
+
+`--smoke` checks that it runs. Writes `matching_toy_<schedule>_<steps>steps.json` (and `.png`) or
+`matching_toy_long.json` to `--output-dir` (default `benchmarks/results`).
 """
 
 from __future__ import annotations
