@@ -8,11 +8,11 @@ p*(y) ∝ π_ref(y) · exp(β · r(y)), and since only 16 sequences are rewarded
 teacher-forced log-probabilities of the 16 answers, and one remaining outcome, "anything else".
 
 Each run trains the policy as the trainer does (sampled groups, the project's `trajectory_balance_terms` with the group
-estimate of log Z and the raw reward, AdamW, a linearly decaying or constant learning rate, optional clipping of the global
-gradient norm as the Trainer's `max_grad_norm`), and records the pre-clipping gradient norm of every step. Arms differ in
-the residual's normalisation (`sum`: exact trajectory balance; `length`: the same residual divided by the completion
-length), in gradient clipping and, as a diagnostic, in Adam's β2. Every arm runs at several learning rates and seeds;
-the table gives the final total variation (TV) to the target, per seed.
+estimate of log Z and the raw reward, AdamW, a linearly decaying or constant learning rate, optional clipping of the
+global gradient norm as the Trainer's `max_grad_norm`), and records the pre-clipping gradient norm of every step. Arms
+differ in the residual's normalisation (`sum`: exact trajectory balance; `length`: the same residual divided by the
+completion length), in gradient clipping and, as a diagnostic, in Adam's β2. Every arm runs at several learning rates
+and seeds; the table gives the final total variation (TV) to the target, per seed.
 
 `--long` measures instead the gradient norm of one step at completion lengths of 1k to 8k tokens (random completions
 of a tiny model whose policy differs from its reference by a small perturbation), for both normalisations.
