@@ -44,11 +44,11 @@ from dataclasses import asdict, dataclass
 
 from arms import ARMS as ALL_ARMS
 from arms import COLORS, LABELS
-from learning_rates import add_learning_rate_arguments, learning_rate_protocol, resolve_learning_rates
+from learning_rates import add_learning_rate_arguments, learning_rate_protocol, option_runner, resolve_learning_rates
 from metrics import summarize
 from reporting import plot_metric, pyplot, quiet, report_header, write_json
 from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
-from runs import run_summary, tracked_run
+from runs import run_summary
 
 
 ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching")
@@ -276,18 +276,7 @@ def main(argv=None) -> dict:
     quiet()
     start = time.perf_counter()
 
-    def run(name, seed, overrides):
-        return tracked_run(
-            name,
-            seed,
-            args.steps,
-            spec,
-            cache_dir=args.cache_dir,
-            use_cache=not args.no_cache,
-            extra_overrides=overrides,
-        )
-
-    sweep, chosen, runs = learning_rate_protocol(arms, seeds, learning_rates, run)
+    sweep, chosen, runs = learning_rate_protocol(arms, seeds, learning_rates, option_runner(args, spec))
     print_sweep(sweep, chosen)
 
     initial = runs[arms[0]][0]["curve"][0]  # every arm starts from the same model and sampling seed

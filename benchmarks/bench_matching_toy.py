@@ -312,17 +312,12 @@ def long_completion_gradients(lengths=(1024, 2048, 4096, 8192), group: int = 4, 
 
 
 def summary(report: dict) -> list[dict]:
-    """One row per (lengths, beta, arm, lr): the final TV's mean and per-seed values, and the gradient figures."""
+    """One row per (lengths, beta, arm, lr): the final TV per seed and its mean."""
     rows: dict[tuple, dict] = {}
     for run in report["runs"]:
         key = (run["lengths"], run["beta"], run["arm_name"], run["lr"])
-        row = rows.setdefault(
-            key,
-            {"lengths": key[0], "beta": key[1], "arm": key[2], "lr": key[3], "tv": [], "clipped": [], "grad_last": []},
-        )
-        row["tv"].append(run["tv"])
-        row["clipped"].append(run["clipped_fraction"])
-        row["grad_last"].append(run["grad_norm_last10"])
+        rows.setdefault(key, {"lengths": key[0], "beta": key[1], "arm": key[2], "lr": key[3], "tv": []})
+        rows[key]["tv"].append(run["tv"])
     for row in rows.values():
         row["tv_mean"] = sum(row["tv"]) / len(row["tv"])
     return list(rows.values())

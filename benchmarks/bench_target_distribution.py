@@ -40,11 +40,10 @@ import time
 
 import bench_distribution_matching as bdm
 from arms import COLORS, LABELS
-from learning_rates import add_learning_rate_arguments, learning_rate_protocol, resolve_learning_rates
+from learning_rates import add_learning_rate_arguments, learning_rate_protocol, option_runner, resolve_learning_rates
 from metrics import mean_distance, path_distribution_distance, summarize
 from reporting import plot_metric, pyplot, quiet, report_header, write_json
 from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
-from runs import tracked_run
 
 
 ARMS = bdm.ARMS
@@ -101,18 +100,7 @@ def main(argv=None) -> dict:
 
     from trl_flowrl.tasks import embedded_model_path, generate_problems, path_log_probs
 
-    def run(name, seed, overrides):
-        return tracked_run(
-            name,
-            seed,
-            args.steps,
-            spec,
-            cache_dir=args.cache_dir,
-            use_cache=not args.no_cache,
-            extra_overrides=overrides,
-        )
-
-    _, chosen, runs = learning_rate_protocol(arms, seeds, learning_rates, run)
+    _, chosen, runs = learning_rate_protocol(arms, seeds, learning_rates, option_runner(args, spec))
 
     measure_start = time.perf_counter()
     problems = generate_problems(args.problems, seed=args.problem_seed, split="test")

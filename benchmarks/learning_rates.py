@@ -16,6 +16,25 @@ from dataclasses import replace
 LEARNING_RATES = "3e-5,1e-4,3e-4"
 
 
+def option_runner(args, spec):
+    """`run(arm, seed, overrides)` for `learning_rate_protocol`: `runs.tracked_run` with the benchmark's steps, its
+    tracking `spec` and its cache options."""
+    from runs import tracked_run
+
+    def run(name, seed, overrides):
+        return tracked_run(
+            name,
+            seed,
+            args.steps,
+            spec,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+            extra_overrides=overrides,
+        )
+
+    return run
+
+
 def add_learning_rate_arguments(parser) -> None:
     parser.add_argument(
         "--learning-rates",

@@ -150,11 +150,12 @@ DM_METRICS = (
 def _settings_line(report: dict) -> str:
     s = report["settings"]
     e = s["eval"]
-    chosen = (s.get("learning_rates") or {}).get("chosen") if isinstance(s.get("learning_rates"), dict) else None
+    rates = s.get("learning_rates")  # benchmark 2's protocol: {"choices": [...], "chosen": {arm: rate}}
+    chosen = rates.get("chosen") if isinstance(rates, dict) else None
     settings = "the recipes' embedded settings"
     if chosen:
-        rates = ", ".join(f"{_label(name, report)} {lr:g}" for name, lr in chosen.items())
-        settings += f" except the learning rate, chosen per arm on a validation split ({rates})"
+        per_arm = ", ".join(f"{_label(name, report)} {lr:g}" for name, lr in chosen.items())
+        settings += f" except the learning rate, chosen per arm on a validation split ({per_arm})"
     return (
         f"Seeds {', '.join(map(str, s['seeds']))}; {s['steps']} steps per run with {settings}; "
         f"held-out evaluation every {e['every']} steps on the same {e['num_problems']} problems x "

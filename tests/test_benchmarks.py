@@ -639,9 +639,19 @@ def test_matching_toy_distance_is_exact_and_the_smoke_run_writes_its_report(tmp_
         assert distance["tv"] == pytest.approx(0.5 * sum(abs(p - q) for p, q in zip(policy, target)), rel=1e-6)
         assert distance["tv_among_valid"] == pytest.approx(0.0, abs=1e-12)  # the reference's own proportions
         assert distance["valid_mass"] == pytest.approx(mass)
-    # a sampled completion's summed log-probs are the ones the distance uses
-    rows = toy_bench.sample(toy.reference, 4, toy.max_length + 1, torch.Generator().manual_seed(0))
-    assert all(len(row) <= toy.max_length + 1 for row in rows)
+    # sampling: a completion stops at its end token (not kept), or is cut after `width` tokens and marked with None
+    width = toy.max_length + 1
+    rows = toy_bench.sample(toy.reference, 64, width, torch.Generator().manual_seed(0))
+    assert len(rows) == 64
+    for row in rows:
+        if row and row[-1] is None:
+            assert len(row) == width + 1 and toy_bench.EOS not in row[:-1]
+        else:
+            assert len(row) < width and toy_bench.EOS not in row  # any other token (even BOS) is sampled from pi
+    # a packed answer's masked log-probs are the ones the distance sums (tokens and end token, no padding)
+    ids, mask = toy_bench.pack(toy.answers[:2], width)
+    assert mask.sum(-1).tolist() == [len(a) + 1 for a in toy.answers[:2]]
+    assert (ids[:, 0] == toy_bench.BOS).all()
 
     report = toy_bench.main(["--smoke", "--output-dir", str(tmp_path)])
     assert [run["arm_name"] for run in report["runs"]] == ["length, clip 1", "sum, clip 1"]

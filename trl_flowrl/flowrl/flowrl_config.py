@@ -88,11 +88,10 @@ class FlowRLConfig(GRPOConfig):
             restricted to its correct completions: it never asks to keep wrong answers, however hard the problem. A
             smaller β is a softer target (β = 5: odds 148, so a problem the reference solves 1% of the time has a
             target at 60% accuracy) that is matched sooner: larger β lets the reward dominate the residual, which
-            slows the matching among correct completions. Measured on the built-in task with the earlier `"length"`
-            preset and the earlier embedded model (300 steps, 3 seeds, benchmark 2 of 2026-12-02): β = 15 ended at
-            80.3% held-out accuracy, 3.78 distinct correct paths per problem and total variation 0.59 to the target;
-            β = 5 at 62.9%, 5.12 and 0.30. On the enumerable toy (`"sum"`, 500 steps): TV 0.07 at β = 15, 0.04 at
-            β = 5.
+            slows the matching among correct completions. Measured with "sum" (2026-12-07): on the built-in task
+            (benchmark 2, 300 steps, 3 seeds) β = 15 ends at 73.4% held-out accuracy, 3.39 distinct correct paths per
+            problem and total variation 0.60 to the target; on the enumerable toy (500 steps, 9-token answers) at TV
+            0.07 with β = 15 and 0.04 with β = 5.
         residual_normalization (`str` or `None`, *optional*, defaults to `None`):
             How the residual treats the completion length. `"token_mean"` (official): mean log-probs over tokens.
             `"sum"` (matching): summed log-probs, exact trajectory balance (fixed point p*). `"length"`: the summed
@@ -106,8 +105,8 @@ class FlowRLConfig(GRPOConfig):
             point, only the gradient's scale: a summed residual's gradient is above `max_grad_norm` at nearly every
             step and is clipped to it, the length-divided one (about n² smaller) is not and shrinks as the policy
             converges; clipping "length" at 1/81 instead of 1 nearly recovers "sum" (0.18 after 200 steps), a
-            shorter Adam memory (β2 = 0.99) does not (0.42). Without clipping both match slowly (0.38-0.45): keep
-            `max_grad_norm` set (FlowRL warns when it is not). Long completions stay bounded the same way: the summed
+            shorter Adam memory (β2 = 0.99) does not (0.42). Without clipping "sum" loses its lead (0.38 and 0.45):
+            keep `max_grad_norm` set (FlowRL warns when it is not). Long completions stay bounded the same way: the summed
             residual's gradient norm grows with the length (5e3 at 1k tokens, 3e4 at 8k on a tiny model) and is
             clipped to `max_grad_norm`; longer completions then weigh more in the clipped direction.
         reward_in_residual (`str` or `None`, *optional*, defaults to `None`):
@@ -371,13 +370,13 @@ class FlowRLConfig(GRPOConfig):
 
     def _warn_unclipped_sum(self):
         # Not an error: the fixed point is the same; but on the toy of benchmarks/bench_matching_toy.py unclipped
-        # summed residuals matched about 3x more slowly (see residual_normalization).
+        # summed residuals ended about 3x farther from the target (see residual_normalization).
         if self.residual_normalization == "sum" and not (self.max_grad_norm and self.max_grad_norm > 0):
             logger.warning(
                 "FlowRL with residual_normalization='sum' and no gradient clipping (max_grad_norm=%s): summed "
                 "residuals have gradient norms far above 1 that grow with the completion length, and without clipping "
-                "they matched the target distribution about 3x more slowly in benchmarks/bench_matching_toy.py. Set "
-                "max_grad_norm (TRL's default is 1.0).",
+                "they ended about 3x farther from the target distribution (total variation) in "
+                "benchmarks/bench_matching_toy.py. Set max_grad_norm (TRL's default is 1.0).",
                 self.max_grad_norm,
             )
 
