@@ -53,6 +53,7 @@ from runs import run_summary
 
 ARMS = ("grpo", "grpo_kl", "flowrl", "flowrl_matching")
 BASELINE = "grpo"
+RECIPE_STEPS = 300  # the embedded recipes' max_steps
 # (key of a curve point or of its "target" dict, label, scale for display, format)
 METRICS = (
     ("accuracy", "accuracy (avg@k, %)", 100.0, "{:.1f}"),
@@ -313,11 +314,18 @@ def main(argv=None) -> dict:
             "runs": {name: [run_summary(r) for r in records] for name, records in runs.items()},
         }
     )
+    # Runs longer than the recipes' (issue 18: where each arm is at 600 steps) get files of their own, beside the
+    # 300-step results rather than over them.
+    stem = (
+        "distribution_matching"
+        if args.smoke or args.steps == RECIPE_STEPS
+        else f"distribution_matching_{args.steps}steps"
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output_dir / "distribution_matching.json", report)
-    plot(runs, output_dir / "distribution_matching.png")
-    plot_tradeoff(runs, output_dir / "distribution_matching_tradeoff.png", sweep, chosen)
-    print(f"\nwrote {output_dir / 'distribution_matching.json'}, distribution_matching.png and _tradeoff.png")
+    write_json(output_dir / f"{stem}.json", report)
+    plot(runs, output_dir / f"{stem}.png")
+    plot_tradeoff(runs, output_dir / f"{stem}_tradeoff.png", sweep, chosen)
+    print(f"\nwrote {output_dir / stem}.json, .png and _tradeoff.png")
     return report
 
 
