@@ -165,21 +165,24 @@ def _code_of(path: Path) -> str:
     return ast.dump(tree)
 
 
-def _source_digest(trainer: str) -> str:
+def source_digest(trainer: str, skip_unused_by_arithmetic: bool = True) -> str:
     """SHA-256 of the code of `trl_flowrl` that a run of `trainer` executes (its Python files' ASTs, docstrings left
-    out, without the other trainers' subpackages; the model a run trains is keyed on its own)."""
+    out, without the other trainers' subpackages, nor, by default, the modules a run of the arithmetic task never
+    executes; the model a run trains is keyed on its own)."""
     other_trainers = [f"trl_flowrl/{name}/" for name in ("flowrl", "exgrpo") if name != trainer]
     digest = hashlib.sha256()
     for path in sorted((REPO / "trl_flowrl").rglob("*.py")):
         name = str(path.relative_to(REPO))
-        if name in _UNUSED_BY_RUNS or any(name.startswith(prefix) for prefix in other_trainers):
+        if (skip_unused_by_arithmetic and name in _UNUSED_BY_RUNS) or any(
+            name.startswith(prefix) for prefix in other_trainers
+        ):
             continue
         digest.update(name.encode())
         digest.update(_code_of(path).encode())
     return digest.hexdigest()
 
 
-def _files_digest(directory: Path) -> str:
+def files_digest(directory: Path) -> str:
     """SHA-256 of every file under `directory` (names and contents)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
@@ -207,7 +210,7 @@ def _run_key(trainer: str, settings: dict, spec: EvalSpec, model: dict) -> str:
         "trainer": trainer,
         "settings": settings,
         "eval": asdict(spec),
-        "source": _source_digest(trainer),
+        "source": source_digest(trainer),
         "model": model["digest"],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -228,7 +231,7 @@ def _model_identity(model_path: str | os.PathLike | None) -> dict:
             f"model_path must be a local model directory (with a config.json), got {model_path!r}: the benchmarks "
             "run offline, and the run cache needs the model's files to key the run."
         )
-    return {"path": str(path), "embedded": path == embedded, "digest": _files_digest(path)}
+    return {"path": str(path), "embedded": path == embedded, "digest": files_digest(path)}
 
 
 def _check_expected(arm_name: str, training_args, extra_overrides: Sequence[str]) -> None:

@@ -275,6 +275,34 @@ def test_code_grader_adapter():
     assert [g.outcome for g in grades] == ["passed", "failed", "no_code"]
 
 
+def test_code_grader_runs_each_program_once_per_tests():
+    from trl_flowrl.evaluation.benchmarks import code_grader
+    from trl_flowrl.rewards.code_sandbox import LocalSandbox
+
+    class Counting:
+        """Runs programs in the local sandbox and records what it ran."""
+
+        def __init__(self):
+            self.sandbox, self.codes = LocalSandbox(), []
+
+        def run(self, code, stdin="", files=None, fetch=(), timeout_s=None):
+            self.codes.append(code)
+            return self.sandbox.run(code, stdin=stdin, files=files, fetch=fetch, timeout_s=timeout_s)
+
+    executor = Counting()
+    grader = code_grader(executor=executor)
+    add = json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]})
+    double = json.dumps({"inputs": ["1 2\n"], "outputs": ["2\n"]})
+    good = "a, b = map(int, input().split())\nprint(a + b)"
+    block = f"```python\n{good}\n```"
+    completions = [block, "Here it is:\n" + block, block, "```python\nprint(0)\n```", "no code", block]
+    rows = [{"tests": add}] * 5 + [{"tests": double}]
+    grades = grader(completions, rows)
+    # the three copies against `add` (one with other prose) share one run; against other tests it runs again
+    assert [g.outcome for g in grades] == ["passed", "passed", "passed", "failed", "no_code", "failed"]
+    assert sorted(code.strip() for code in executor.codes) == sorted([good, "print(0)", good])
+
+
 def test_arithmetic_benchmark_adapter():
     from trl_flowrl import tasks
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import re
 from collections.abc import Callable, Hashable, Sequence
@@ -262,14 +263,27 @@ def code_grader(tests_column: str = "tests", **reward_kwargs) -> Callable[[list[
     Correct means every test passed. Outcomes: `passed`, `failed`, `timeout`, `no_code`, `infra_error` (the sandbox
     failed, not the program: reported apart, counted as not correct). `reward_kwargs` go to `CodeReward` (executor,
     timeouts, max_tests); scoring is all-or-nothing.
+
+    A program that occurs several times against the same tests (the same code in its last block, whatever the prose
+    around it) runs once and every copy gets that verdict: many samples of a trained model are copies (pass@k at
+    large k would otherwise run the same program dozens of times per problem). A program whose outcome depends on
+    chance or on timing therefore gets one verdict for all its copies.
     """
     from trl_flowrl.rewards import CodeReward
+    from trl_flowrl.rewards.code_reward import extract_code
 
     reward = CodeReward(scoring="all_or_nothing", tests_column=tests_column, **reward_kwargs)
 
     def grade(completions: list[str], rows: list[dict]) -> list[Grade]:
+        tests = [row[tests_column] for row in rows]
+        keys = [(extract_code(c), json.dumps(t, sort_keys=True, default=str)) for c, t in zip(completions, tests)]
+        first = {}  # key -> index of its first occurrence, the one that runs
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        runs = list(first.values())
+        reports = dict(zip(runs, reward.grade([completions[i] for i in runs], [tests[i] for i in runs])))
         grades = []
-        for report in reward.grade(completions, [row[tests_column] for row in rows]):
+        for report in (reports[first[key]] for key in keys):
             if report is None:
                 grades.append(Grade(False, "no_code"))
             elif report.infra_error:
@@ -398,7 +412,7 @@ def arithmetic_benchmark(
 
 
 def programs_benchmark(num_problems: int | None = None, seed: int = 0, **reward_kwargs) -> Benchmark:
-    """Held-out problems of the embedded programming task (`trl_flowrl.tasks.programming`; all 34 when
+    """Held-out problems of the embedded programming task (`trl_flowrl.tasks.programming`; all 37 when
     `num_problems` is None), run against their tests in the local sandbox (`code_grader`, the reward the code recipe
     trains with), with programs identified by their syntax tree (`program_id`). `reward_kwargs` go to `CodeReward`."""
     from trl_flowrl.tasks import program_id, programming, programming_dataset
