@@ -82,6 +82,21 @@ ARMS = {
         "tab:purple",
         {**MATCHING, "beta": 5.0},
     ),
+    # Replay of past rollouts (a departure from both papers, after TBA): half of each step's groups from the store, at
+    # TBA's best share in its ablation; the store's other settings at their defaults.
+    "flowrl_matching_replay": Arm(
+        "flowrl",
+        ("--objective", "matching", "--beta", "15", "--replay_share", "0.5"),
+        "FlowRL matching + replay 0.5",
+        "darkred",
+        {
+            **MATCHING,
+            "beta": 15.0,
+            "replay_share": 0.5,
+            "replay_sampling": "uniform",
+            "replay_importance_weight": "none",
+        },
+    ),
     "exgrpo": Arm("exgrpo", (), "ExGRPO", "tab:green", PAPER_EXGRPO),
     "exgrpo_no_replay": Arm(
         "exgrpo",

@@ -157,13 +157,18 @@ class HeldOutTracker:
 def tracking_callback(tracker: HeldOutTracker, trainer, curve: list, log):
     from transformers import TrainerCallback
 
+    started = []  # when training began (after the step-0 measurement)
+
     def counters():
         generated, replayed = trainer.rollouts_generated, trainer.rollouts_replayed
+        # The wall time spent training so far: since the start, less the measurements made since.
+        elapsed = time.perf_counter() - started[0] - (tracker.seconds - started[1]) if started else 0.0
         return {
             "rollouts_generated": generated,
             "rollouts_replayed": replayed,
             "fresh_rollouts_used": generated - replayed,
             "distinct_questions": trainer.question_counts()["distinct_questions"],
+            "train_seconds": round(elapsed, 3),
         }
 
     def measure(model, step, last=False):
@@ -182,6 +187,7 @@ def tracking_callback(tracker: HeldOutTracker, trainer, curve: list, log):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if state.is_world_process_zero:
                 measure(model, 0)
+                started[:] = [time.perf_counter(), tracker.seconds]
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             step = state.global_step

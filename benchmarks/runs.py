@@ -51,7 +51,7 @@ from trl_flowrl._compat import package_versions
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "configs" / "embedded"
 DEFAULT_CACHE = REPO / "outputs" / "benchmarks" / "runs"
-RUN_FORMAT = 2  # bump when the tracking changes what a run records
+RUN_FORMAT = 3  # bump when the tracking changes what a run records (3: training seconds at each point)
 # Prefixes of the logged metrics a run record keeps, step by step.
 TRAIN_LOG_PREFIXES = ("replay/", "flowrl/")
 # The resolved settings a run records (those its trainer has).

@@ -147,6 +147,52 @@ class FlowRLConfig(GRPOConfig):
             Learning rate of the log Z head's AdamW. `None` uses `learning_rate`, as the official code (1e-6 with
             weight decay 0.1). The head follows the same scheduler type, warm-up, weight decay and gradient clipping
             norm as the policy. Refused with `log_z_estimate="group"` (there is no head).
+
+    > Parameters that control the replay of past rollouts (**a departure from both papers**, off by default; after
+    > TBA, Bartoldson et al., 2025)
+
+    Trajectory balance with the raw reward and summed (or length-divided) log-probs is zero for every completion
+    exactly when the policy is p*, whichever distribution sampled the completions, so the matching objective can learn
+    from completions generated at earlier steps, at the cost of a forward pass instead of a generation. With
+    `replay_share > 0` every generated completion that was scored and has a token is stored per prompt (its token
+    ids, raw reward, reference log-probs and the step that made it; a completion already stored for the prompt is not
+    stored twice), and each generation batch takes `replay_share` of its groups from the store: whole groups of
+    `num_generations` distinct completions of one stored prompt (so the group estimate of log Z stays that of one
+    prompt), the rest generated as usual. The fresh prompts they displace are skipped. Nothing is generated for a
+    replayed group. The store is saved in every checkpoint and identical on every process; prompts are stored with
+    their token ids, so any dataset (iterable ones included) and both generation back-ends (transformers, vLLM) work.
+
+    Parameters:
+        replay_share (`float`, *optional*, defaults to `0.0`):
+            Share of each generation batch's groups taken from the store, in [0, 1); 0 turns replay off. The number of
+            replayed groups per process is `replay_share × groups` rounded up or down at random (with a generator
+            shared by every process), so that the share holds on average at any batch size; a batch replays only
+            prompts with at least `num_generations` stored completions (none at the start). TBA replays with
+            probability 1 − m per batch: 0.05 in its GSM8K script, 0.5 the best of its ablation. Needs a residual whose
+            fixed point does not depend on the sampler: `reward_in_residual="reward"` and `residual_normalization`
+            `"sum"` or `"length"` (the matching objective). It is refused with the official objective, whose reward
+            term is the advantage within the sampled group and whose token-mean residual's fixed point moves with the
+            completion length; its importance weight against the policy that sampled a stale row is mostly clipped.
+            Also refused with `sync_ref_model` (the stored reference log-probs would go stale), with tools, rollout
+            functions and environments, and with vision-language models.
+        replay_buffer_per_prompt (`int`, *optional*, defaults to `100`):
+            The newest this many distinct completions of a prompt are kept (TBA keeps 100). At least
+            `num_generations`.
+        replay_buffer_max_rows (`int`, *optional*, defaults to `100000`):
+            At most this many completions in all; beyond it the oldest are evicted. Memory: 8 bytes per stored token
+            (12 with `replay_importance_weight="clipped"`), on every process and in every checkpoint.
+        replay_sampling (`str`, *optional*, defaults to `"uniform"`):
+            How a replayed group's completions are drawn from its prompt's store: `"uniform"`, or `"reward"`:
+            probability softmax(reward / `replay_temperature`), as TBA's reward-prioritised buffer, without
+            replacement. Prompts are drawn uniformly among those with enough completions.
+        replay_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature of `replay_sampling="reward"`; positive.
+        replay_importance_weight (`str`, *optional*, defaults to `"none"`):
+            What weighs a replayed completion's squared residual. `"none"`: no weight for its staleness, as trajectory
+            balance allows (TBA): within the generation batch it gets the same weight as a fresh row (1 when the batch
+            is used once). `"clipped"`: the importance weight `Π_t π_θ / π_sampling` against the policy that sampled
+            it, clipped as `importance_weight_clipping` says; this turns the replayed rows' gradient back into an
+            on-policy estimate, and keeps the sampling policy's log-probs in the store.
     """
 
     objective: str = field(
@@ -224,6 +270,42 @@ class FlowRLConfig(GRPOConfig):
         metadata={"help": "Learning rate of the log Z head. None: the policy's learning_rate (official)."},
     )
 
+    replay_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of each generation batch's groups replayed from the store of past rollouts, in [0, 1); 0: "
+            "no replay (the paper). A departure from the paper; needs the matching objective."
+        },
+    )
+    replay_buffer_per_prompt: int = field(
+        default=100,
+        metadata={"help": "Newest distinct completions kept per prompt for replay (TBA: 100)."},
+    )
+    replay_buffer_max_rows: int = field(
+        default=100_000,
+        metadata={"help": "Completions kept for replay in all; the oldest are evicted beyond it."},
+    )
+    replay_sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "How a replayed group's completions are drawn: 'uniform' or 'reward' (softmax(reward / "
+            "replay_temperature)).",
+            "choices": ["uniform", "reward"],
+        },
+    )
+    replay_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature of replay_sampling='reward'."},
+    )
+    replay_importance_weight: str = field(
+        default="none",
+        metadata={
+            "help": "Weight of a replayed completion's residual: 'none' (as trajectory balance allows) or 'clipped' "
+            "(importance weight against the policy that sampled it, clipped).",
+            "choices": ["none", "clipped"],
+        },
+    )
+
     # GRPO loss options that FlowRL's loss has no place for. Their FlowRL defaults are "unset", so that a value a
     # script spells out (even GRPO's default) is seen, reported as ignored and reset.
     loss_type: str | None = field(
@@ -258,6 +340,7 @@ class FlowRLConfig(GRPOConfig):
             self.beta = PRESET_BETA[self.objective]
         super().__post_init__()
         self._check_flowrl_fields()
+        self._check_replay_fields()
         self._warn_unclipped_sum()
         self._refuse_grpo_loss_options()
         self._ignore_grpo_loss_options()
@@ -350,6 +433,54 @@ class FlowRLConfig(GRPOConfig):
                     f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be a multiple of the "
                     f"completions per prompt in evaluation (num_generations_eval or num_generations: {eval_group})."
                 )
+
+    def _check_replay_fields(self):
+        if not (isinstance(self.replay_share, (int, float)) and 0 <= self.replay_share < 1):
+            raise ValueError(
+                f"replay_share is the share of each generation batch's groups replayed from past rollouts and must be "
+                f"in [0, 1), got {self.replay_share}. Use 0 for no replay."
+            )
+        if self.replay_sampling not in ("uniform", "reward"):
+            raise ValueError(f"replay_sampling must be 'uniform' or 'reward', got {self.replay_sampling!r}.")
+        if self.replay_importance_weight not in ("none", "clipped"):
+            raise ValueError(
+                f"replay_importance_weight must be 'none' or 'clipped', got {self.replay_importance_weight!r}."
+            )
+        if not (math.isfinite(self.replay_temperature) and self.replay_temperature > 0):
+            raise ValueError(f"replay_temperature must be positive and finite, got {self.replay_temperature}.")
+        if self.replay_share == 0:
+            return
+        if self.reward_in_residual != "reward" or self.residual_normalization not in ("sum", "length"):
+            raise ValueError(
+                "replay_share > 0 replays completions sampled by earlier policies, which only a residual whose fixed "
+                "point does not depend on the sampler can learn from: reward_in_residual='reward' and "
+                "residual_normalization 'sum' or 'length' (objective='matching'), got "
+                f"reward_in_residual={self.reward_in_residual!r}, residual_normalization="
+                f"{self.residual_normalization!r}. The official objective's advantage is computed within the sampled "
+                "group and its token-mean residual has another fixed point. Set objective='matching', or replay_share=0."
+            )
+        if self.sync_ref_model:
+            raise ValueError(
+                "replay_share > 0 stores the reference log-probs of each completion, which sync_ref_model would make "
+                "stale. Set sync_ref_model=False, or replay_share=0."
+            )
+        if self.replay_buffer_per_prompt < self.num_generations:
+            raise ValueError(
+                f"replay_buffer_per_prompt ({self.replay_buffer_per_prompt}) must be at least num_generations "
+                f"({self.num_generations}): a replayed group is num_generations distinct completions of one prompt."
+            )
+        if self.replay_buffer_max_rows < self.replay_buffer_per_prompt:
+            raise ValueError(
+                f"replay_buffer_max_rows ({self.replay_buffer_max_rows}) must be at least replay_buffer_per_prompt "
+                f"({self.replay_buffer_per_prompt})."
+            )
+        local_generation_batch = self.per_device_train_batch_size * self.steps_per_generation
+        if local_generation_batch % self.num_generations != 0:
+            raise ValueError(
+                f"replay_share > 0 replaces whole groups, so the per-device generation batch "
+                f"(per_device_train_batch_size * steps_per_generation = {local_generation_batch}) must be a multiple "
+                f"of num_generations ({self.num_generations})."
+            )
 
     def _refuse_grpo_loss_options(self):
         # Options that change what GRPO optimises (a bonus or a mask). FlowRL could only drop them silently.

@@ -3,29 +3,31 @@ import logging
 import math
 import os
 import pickletools
+import random
 import textwrap
 import zipfile
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import broadcast_object_list, is_peft_model
+from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 from transformers import get_scheduler
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id
+from trl.trainer.utils import get_config_model_id, pad
 
 from .flowrl_config import FlowRLConfig
 from .log_z import LogZHead, pool_prompt
 from .objective import _MAX_LOG_WEIGHT, _log_ratio_term, group_log_z, trajectory_balance_terms
+from .replay import RolloutBuffer, token_digest
 
 
 logger = logging.getLogger(__name__)
 
 # Written into each checkpoint folder, beside the policy's optimizer state.
 LOG_Z_STATE_NAME = "flowrl_log_z.pt"
-_STATE_FORMAT = 2
+_STATE_FORMAT = 3  # 3: the replay buffer and its generator
 # Settings a checkpoint must have been trained with to be resumed: they define the target or the head's architecture.
 _RESUME_SETTINGS = (
     "beta",
@@ -47,6 +49,20 @@ _FORWARD_KEYS = (
     "token_type_ids",
     "mm_token_type_ids",
     "image_position_ids",
+)
+# The keys of TRL's generation output that replay extends with the replayed rows (any other per-row key is refused).
+_REPLAY_KEYS = (
+    "prompt_ids",
+    "prompt_mask",
+    "completion_ids",
+    "completion_mask",
+    "advantages",
+    "num_items_in_batch",
+    "old_per_token_logps",
+    "importance_sampling_ratio",
+    "sampling_per_token_logps",
+    "ref_per_token_logps",
+    "rewards",
 )
 
 
@@ -173,7 +189,30 @@ class FlowRLTrainer(GRPOTrainer):
                 "which this model instance does not have. Pass the model as a hub id or a local path (save it first "
                 "with model.save_pretrained(dir)), or pass a peft_config so the reference is the adapter-free model."
             )
+        if args.replay_share > 0:
+            for name in ("tools", "rollout_func", "environment_factory"):
+                if bound.arguments.get(name) or kwargs.get(name):
+                    raise ValueError(
+                        f"FlowRL's replay (replay_share > 0) does not support `{name}`: a stored completion cannot "
+                        "re-enter TRL's multi-turn loop (tool outputs, environment state). Set replay_share=0."
+                    )
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
+
+        self.replay_buffer = None
+        if args.replay_share > 0:
+            if self._is_vlm:
+                raise ValueError(
+                    "FlowRL's replay (replay_share > 0) does not support vision-language models: the store keeps token "
+                    "ids, not images. Set replay_share=0."
+                )
+            self.replay_buffer = RolloutBuffer(
+                args.replay_buffer_per_prompt,
+                args.replay_buffer_max_rows,
+                keep_behaviour_logps=args.replay_importance_weight == "clipped",
+            )
+            # Every process draws from this generator with the same seed and in the same order (TRL seeds torch per
+            # process, so torch's generator cannot be shared).
+            self._replay_rng = random.Random(args.seed)
 
         self.log_z_head = self.log_z_optimizer = self.log_z_scheduler = None
         if args.log_z_estimate == "head":
@@ -266,6 +305,9 @@ class FlowRLTrainer(GRPOTrainer):
             # The config checks the evaluation batch only when evaluation is scheduled (do_eval); a direct
             # trainer.evaluate() gets here unchecked, and a batch of partial groups would be grouped wrongly in silence.
             self._check_whole_eval_groups(len(inputs))
+        replayed = None
+        if self.replay_buffer is not None and self.model.training:
+            inputs, replayed = self._plan_replay(inputs)
         output = super()._generate_and_score_completions(inputs)
         rewards_per_func = self._last_rewards_per_func  # (B_global, num_reward_funcs), gathered over processes
         local = output["prompt_ids"].size(0)
@@ -275,11 +317,18 @@ class FlowRLTrainer(GRPOTrainer):
         # A completion that no reward function could score carries no signal: NaN keeps it out of the loss.
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
         output["rewards"] = rewards
+        if replayed is not None:
+            self._store_rollouts(output)
+            if replayed:
+                output = self._append_replayed(output, replayed)
+                local = output["prompt_ids"].size(0)
+            else:
+                self._metrics["train"]["flowrl/replay/share"].append(0.0)
         if self.args.log_z_estimate == "group":
             # TRL's output holds whole groups of consecutive rows on each process (checked by the config); evaluation
             # samples num_generations_eval completions per prompt.
             group_size = self.num_generations if self.model.training else self.num_generations_eval
-            group = torch.arange(local, device=rewards.device) // group_size
+            group = torch.arange(local, device=output["rewards"].device) // group_size
             output["flowrl_group"] = group
             if self.model.training and self.args.steps_per_generation > 1:
                 # The loss will see parts of groups: estimate log Z now, from the sampling policy's log-probs.
@@ -304,22 +353,168 @@ class FlowRLTrainer(GRPOTrainer):
             mask = mask * output["tool_mask"]
         logps = output.get("old_per_token_logps")
         if logps is None:  # TRL did not need them: one no-grad pass of the policy, as TRL's own would be
-            prompt_completion_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-            attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-            forward_kwargs = {key: output[key] for key in _FORWARD_KEYS if output.get(key) is not None}
-            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-                logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model,
-                    prompt_completion_ids,
-                    attention_mask,
-                    output["completion_ids"].size(1),
-                    batch_size=self.args.per_device_train_batch_size,
-                    **forward_kwargs,
-                )
+            logps = self._policy_logps(output)
         terms = self._reward_term(output)
         included = (mask.sum(-1) > 0) & ~torch.isnan(output["rewards"])
         gap = _log_ratio_term(logps, output["ref_per_token_logps"], mask.float(), self.args.residual_normalization)
         return group_log_z(gap, torch.nan_to_num(terms), self.args.beta, group, included)
+
+    @torch.no_grad()
+    def _policy_logps(self, output):
+        """(B, T) log-probs of the current policy for the completions of a generation output (no gradient)."""
+        prompt_completion_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        forward_kwargs = {key: output[key] for key in _FORWARD_KEYS if output.get(key) is not None}
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                prompt_completion_ids,
+                attention_mask,
+                output["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+                **forward_kwargs,
+            )
+        return logps
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Replay of past rollouts (replay_share > 0): the store is fed and drawn from identically on every process.
+
+    def _plan_replay(self, inputs):
+        """The fresh rows to generate and this process's replayed groups, drawn before this batch is stored.
+
+        Every process replays the same number of groups (TRL gathers equal-sized tensors across processes): the share
+        of this process's groups, rounded up or down at random, at most the eligible prompts per process, and never
+        all of its groups (TRL's generation step needs prompts). Replayed
+        group j goes to process j % world; the fresh groups it displaces (the last ones of each process) are skipped.
+        """
+        K = self.num_generations
+        num_local = len(inputs) // K
+        world = self.accelerator.num_processes
+        wanted = self.args.replay_share * num_local
+        per_process = math.floor(wanted) + (self._replay_rng.random() < wanted - math.floor(wanted))
+        # At least one group per process stays fresh: TRL's generation step needs prompts to generate for.
+        per_process = min(per_process, num_local - 1, len(self.replay_buffer.eligible_prompts(K)) // world)
+        if per_process == 0:
+            return inputs, []
+        groups = self.replay_buffer.draw_groups(
+            per_process * world, K, self._replay_rng, self.args.replay_sampling, self.args.replay_temperature
+        )
+        return inputs[: (num_local - per_process) * K], groups[self.accelerator.process_index :: world]
+
+    def _store_rollouts(self, output) -> None:
+        """Add this batch's scored fresh completions of every process to the store, in process order."""
+        mask = output["completion_mask"].bool()
+        keep = mask.any(dim=1) & ~torch.isnan(output["rewards"])
+        behaviour = None
+        if self.replay_buffer.keep_behaviour_logps:  # the sampling policy's log-probs: vLLM's, TRL's, or computed now
+            behaviour = output.get("sampling_per_token_logps", output.get("old_per_token_logps"))
+            behaviour = self._policy_logps(output) if behaviour is None else behaviour
+        rows = []
+        for i in keep.nonzero().flatten().tolist():
+            prompt = output["prompt_ids"][i][output["prompt_mask"][i].bool()].cpu()
+            rows.append(
+                (
+                    prompt,
+                    output["completion_ids"][i][mask[i]].cpu(),
+                    output["ref_per_token_logps"][i][mask[i]].float().cpu(),
+                    None if behaviour is None else behaviour[i][mask[i]].float().cpu(),
+                    float(output["rewards"][i]),
+                )
+            )
+        if self.accelerator.num_processes > 1:
+            rows = gather_object(rows)
+        step = self.state.global_step
+        added = 0
+        for prompt, completion, ref, behaviour_logps, reward in rows:
+            added += self.replay_buffer.add(
+                token_digest(prompt), prompt, completion, ref, reward, step, behaviour_logps
+            )
+        metrics = self._metrics["train"]
+        metrics["flowrl/replay/stored"].append(added)
+        metrics["flowrl/replay/buffer_rows"].append(self.replay_buffer.num_rows)
+        metrics["flowrl/replay/buffer_prompts"].append(self.replay_buffer.num_prompts)
+
+    def _append_replayed(self, output, groups):
+        """TRL's output for the fresh rows, followed by this process's replayed groups (padded alike)."""
+        unknown = [
+            key
+            for key, value in output.items()
+            if key not in _REPLAY_KEYS and isinstance(value, torch.Tensor) and value.dim() > 0
+        ]
+        if unknown:
+            raise RuntimeError(
+                f"FlowRL's replay does not know how to add replayed rows to these keys of TRL's generation output: "
+                f"{unknown}. This TRL version or option adds per-row data that a stored completion lacks; set "
+                "replay_share=0."
+            )
+        device = output["prompt_ids"].device
+        rows = [(prompt_ids, stored) for _, prompt_ids, picked in groups for stored in picked]
+        pad_id = self._tokenizer.pad_token_id
+        prompts = [p.long().to(device) for p, _ in rows]
+        completions = [r.completion_ids.long().to(device) for _, r in rows]
+        replay = {
+            "prompt_ids": pad(prompts, padding_value=pad_id, padding_side="left"),
+            "prompt_mask": pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left"),
+            "completion_ids": pad(completions, padding_value=pad_id, padding_side="right"),
+            "completion_mask": pad([torch.ones_like(c) for c in completions], padding_value=0, padding_side="right"),
+            "ref_per_token_logps": pad([r.ref_logps.to(device) for _, r in rows], padding_value=0.0),
+            "rewards": torch.tensor([r.reward for _, r in rows], dtype=output["rewards"].dtype, device=device),
+        }
+        # Unused by the matching residual (it takes the raw reward): the group-centred reward, for TRL's key.
+        rewards = replay["rewards"].view(-1, self.num_generations)
+        replay["advantages"] = (rewards - rewards.mean(dim=1, keepdim=True)).flatten().to(output["advantages"].dtype)
+
+        fresh = output["prompt_ids"].size(0)
+        width = max(output["prompt_ids"].size(1), replay["prompt_ids"].size(1))
+        length = max(output["completion_ids"].size(1), replay["completion_ids"].size(1))
+
+        def left(x, value):
+            return torch.nn.functional.pad(x, (width - x.size(1), 0), value=value)
+
+        def right(x, value):
+            return torch.nn.functional.pad(x, (0, length - x.size(1)), value=value)
+
+        combined = dict(output)
+        combined["prompt_ids"] = torch.cat([left(output["prompt_ids"], pad_id), left(replay["prompt_ids"], pad_id)])
+        combined["prompt_mask"] = torch.cat([left(output["prompt_mask"], 0), left(replay["prompt_mask"], 0)])
+        for key, value in (("completion_ids", pad_id), ("completion_mask", 0), ("ref_per_token_logps", 0.0)):
+            combined[key] = torch.cat([right(output[key], value), right(replay[key], value)])
+        for key in ("rewards", "advantages"):
+            combined[key] = torch.cat([output[key], replay[key]])
+        replayed_rows = combined["completion_ids"][fresh:]
+        if any(key in output for key in ("old_per_token_logps", "sampling_per_token_logps")):
+            # The replayed rows' log-probs under the policy of this generation batch: what TRL's fresh rows get.
+            view = {key: combined[key][fresh:] for key in ("prompt_ids", "prompt_mask", "completion_mask")}
+            current = self._policy_logps({**view, "completion_ids": replayed_rows})
+            for key in ("old_per_token_logps", "sampling_per_token_logps"):
+                if key in output:
+                    combined[key] = torch.cat([right(output[key], 0.0), current.to(output[key].dtype)])
+        if "importance_sampling_ratio" in output:  # vLLM did not sample the replayed rows: no vLLM correction
+            ratio = output["importance_sampling_ratio"]
+            if ratio.dim() == 2 and ratio.size(1) > 1:
+                ratio = right(ratio, 1.0)
+            combined["importance_sampling_ratio"] = torch.cat(
+                [ratio, torch.ones(len(rows), *ratio.shape[1:], dtype=ratio.dtype, device=device)]
+            )
+        replayed_tokens = replay["completion_mask"].sum()
+        combined["num_items_in_batch"] = output["num_items_in_batch"] + self.accelerator.gather(replayed_tokens).sum()
+        combined["flowrl_replayed"] = torch.arange(fresh + len(rows), device=device) >= fresh
+        steps = [self.state.global_step - r.step for _, r in rows]
+        combined["flowrl_replay_age"] = torch.tensor([0] * fresh + steps, dtype=torch.float32, device=device)
+        if self.replay_buffer.keep_behaviour_logps:
+            behaviour = pad([r.behaviour_logps.to(device) for _, r in rows], padding_value=0.0)
+            combined["flowrl_behaviour_logps"] = torch.cat(
+                [torch.zeros(fresh, length, device=device), right(behaviour, 0.0)]
+            )
+
+        # Every process replays the same number of rows: the global figures are means over processes.
+        metrics = self._metrics["train"]
+        ages = torch.tensor(steps, dtype=torch.float32, device=device)
+        stats = self.accelerator.gather(torch.stack([ages.mean(), replay["rewards"].float().mean()]).unsqueeze(0))
+        metrics["flowrl/replay/share"].append(len(rows) / (fresh + len(rows)))
+        metrics["flowrl/replay/age/mean"].append(stats[:, 0].mean().item())
+        metrics["flowrl/replay/reward/mean"].append(stats[:, 1].mean().item())
+        return combined
 
     def _reward_term(self, inputs):
         return inputs["advantages"] if self.args.reward_in_residual == "advantage" else inputs["rewards"]
@@ -396,12 +591,17 @@ class FlowRLTrainer(GRPOTrainer):
             log_z = inputs.get("flowrl_log_z")
 
         rewards = inputs["rewards"]
+        # Absent when the batch is used once, right after it was sampled: then π_old = π_θ and w = 1.
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        replayed = inputs.get("flowrl_replayed")
+        if "flowrl_behaviour_logps" in inputs:  # replay_importance_weight="clipped": against the rows' own sampler
+            base = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+            old_per_token_logps = torch.where(replayed.unsqueeze(1), inputs["flowrl_behaviour_logps"], base)
         terms = trajectory_balance_terms(
             log_z=log_z,
             per_token_logps=per_token_logps,
             ref_per_token_logps=inputs["ref_per_token_logps"],
-            # Absent when the batch is used once, right after it was sampled: then π_old = π_θ and w = 1.
-            old_per_token_logps=inputs.get("old_per_token_logps"),
+            old_per_token_logps=old_per_token_logps,
             advantages=self._reward_term(inputs),
             completion_mask=mask,
             beta=self.args.beta,
@@ -421,10 +621,10 @@ class FlowRLTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_flowrl_metrics(mode, terms, entropies, mask)
+        self._log_flowrl_metrics(mode, terms, entropies, mask, replayed)
         return loss
 
-    def _log_flowrl_metrics(self, mode, terms, entropies, mask):
+    def _log_flowrl_metrics(self, mode, terms, entropies, mask, replayed=None):
         per_sequence = torch.stack(
             [
                 terms.included.float(),
@@ -433,16 +633,22 @@ class FlowRLTrainer(GRPOTrainer):
                 terms.log_importance_weight,
                 terms.is_clipped.float(),
                 terms.logp_gap,
+                torch.zeros_like(terms.log_z) if replayed is None else replayed.float(),
             ],
             dim=1,
         )
-        included, log_z, residual, log_weight, is_clipped, logp_gap = self.accelerator.gather(per_sequence).T
+        gathered = self.accelerator.gather(per_sequence).T
+        included, log_z, residual, log_weight, is_clipped, logp_gap, replayed = gathered
         included = included.bool()
         metrics = self._metrics[mode]
         totals = self.accelerator.reduce(torch.stack([(entropies * mask).sum(), mask.sum().float()]), reduction="sum")
         metrics["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         if not included.any():
             return
+        if self.replay_buffer is not None and mode == "train":
+            replayed = replayed.bool() & included
+            if replayed.any():
+                metrics["flowrl/replay/residual/abs_mean"].append(residual[replayed].abs().mean().item())
         log_z, residual, logp_gap = log_z[included], residual[included], logp_gap[included]
         weight = torch.exp(log_weight[included].clamp(max=_MAX_LOG_WEIGHT))
         metrics["flowrl/log_z/mean"].append(log_z.mean().item())
@@ -467,7 +673,40 @@ class FlowRLTrainer(GRPOTrainer):
             "head": head.state_dict() if head is not None else None,
             "optimizer": self.log_z_optimizer.state_dict() if head is not None else None,
             "scheduler": self.log_z_scheduler.state_dict() if self.log_z_scheduler is not None else None,
+            "replay": self._replay_state_dict(),
         }
+
+    def _replay_state_dict(self) -> dict | None:
+        if self.replay_buffer is None:
+            return None
+        version, internal, gauss_next = self._replay_rng.getstate()
+        return {
+            "buffer": self.replay_buffer.state_dict(),
+            "rng": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        }
+
+    def _load_replay_state(self, path: str, state: dict | None) -> None:
+        if state is None:
+            logger.warning(
+                f"{path} holds no replay buffer (it was written without replay_share): resuming with an empty store of "
+                "past rollouts."
+            )
+            return
+        try:
+            self.replay_buffer.load_state_dict(state["buffer"])
+        except (KeyError, ValueError) as error:
+            raise ValueError(
+                f"Cannot resume the replay buffer from {path}: {error}. The file was edited or damaged after it was "
+                "written; resume from an earlier checkpoint."
+            ) from None
+        rng = state["rng"]
+        self._replay_rng.setstate((rng["version"], tuple(rng["internal"]), rng["gauss_next"]))
+        dropped = self.replay_buffer.drop_longer_than(self.max_completion_length)
+        if dropped:
+            logger.warning(
+                f"Dropped {dropped} stored completions longer than max_completion_length={self.max_completion_length} "
+                f"from the replay buffer in {path}: this run could not have generated them."
+            )
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
@@ -498,6 +737,8 @@ class FlowRLTrainer(GRPOTrainer):
             return
         state = payload
         self._check_resume_settings(path, state)
+        if self.replay_buffer is not None:
+            self._load_replay_state(path, state.get("replay"))
         if self.log_z_head is None:
             return
         self._check_saved_head(path, state["head"])
