@@ -267,6 +267,9 @@ def main(argv=None) -> dict:
         output_dir = REPO / "outputs" / "benchmarks" / "smoke"
     cache_dir = Path(args.cache_dir)
     use_cache = not args.no_cache
+    import torch
+
+    torch.set_num_threads(1)  # as the runs it starts: the report's header says what a process used
     start = time.perf_counter()
 
     def one(job):
@@ -322,7 +325,12 @@ def main(argv=None) -> dict:
         "eval": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 128, "sampling_seed": 0, "tests_seed": 0},
         "jobs": args.jobs,
         "arms": {
-            name: {"trainer": ALL_ARMS[name].trainer, "overrides": list(ALL_ARMS[name].overrides)} for name in arms
+            name: {
+                "trainer": ALL_ARMS[name].trainer,
+                "overrides": list(ALL_ARMS[name].overrides),
+                "label": LABELS[name],
+            }
+            for name in arms
         },
         "recipes": {name: str(recipe_config(ALL_ARMS[name].trainer).relative_to(REPO)) for name in arms},
     }

@@ -33,10 +33,11 @@ import sys
 import time
 
 from arms import COLORS, LABELS
+from learning_rates import option_runner
 from metrics import mean_curve, rollouts_to_reach, summarize
 from reporting import pyplot, quiet, report_header, write_json
 from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
-from runs import REPO, run_summary, tracked_run
+from runs import REPO, run_summary
 
 
 ARMS = ("flowrl_matching", "flowrl_matching_replay")
@@ -73,7 +74,7 @@ def grpo_reference(path) -> dict | None:
     if not records:
         return None
     return {
-        "source": str(path.relative_to(REPO)),
+        "source": str(path.resolve().relative_to(REPO)) if path.resolve().is_relative_to(REPO) else str(path),
         "seeds": report["settings"]["seeds"],
         "steps": report["settings"]["steps"],
         "accuracy": final(records, lambda p: p["accuracy"]),
@@ -124,20 +125,11 @@ def main(argv=None) -> dict:
     quiet()
     start = time.perf_counter()
     overrides = ("--learning_rate", f"{args.learning_rate:g}")
+    run = option_runner(args, spec)
     runs = {name: [] for name in arms}
     for seed in seeds:  # interleaved, so that a slow spell of the machine does not fall on one arm
         for name in arms:
-            runs[name].append(
-                tracked_run(
-                    name,
-                    seed,
-                    args.steps,
-                    spec,
-                    cache_dir=args.cache_dir,
-                    use_cache=not args.no_cache,
-                    extra_overrides=overrides,
-                )
-            )
+            runs[name].append(run(name, seed, overrides))
 
     summary = {
         name: {

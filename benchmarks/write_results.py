@@ -5,7 +5,8 @@
 
 Reads, from `--results-dir`, whichever of these exist (a missing one is listed as not run, and skipped):
 `overhead*.json` (benchmark 1, `bench_overhead.py`; several files, e.g. a CPU and a GPU run, each get a table),
-`distribution_matching.json`, `experience.json` and `target_distribution.json` (benchmarks 2 to 4). It renders a
+`distribution_matching.json` (and `distribution_matching_<N>steps.json`, longer runs), `experience.json`,
+`target_distribution.json`, `matching_toy_*.json`, `pass_at_k.json` and `replay.json` (benchmarks 2 to 7). It renders a
 markdown "Results" section that names the machine and the date of each measurement and links the plots, and
 replaces what lies between the `<!-- results:start -->` and `<!-- results:end -->` lines of `--readme`; nothing
 outside them changes. The figures are copied from the JSON files as they are, misses included; a smoke run is
@@ -32,6 +33,7 @@ LABELS = {
     "flowrl_matching": "FlowRL matching",
     "flowrl_matching_head": "FlowRL matching, log Z head",
     "flowrl_matching_b5": "FlowRL matching (beta 5)",
+    "flowrl_matching_replay": "FlowRL matching + replay 0.5",
     "exgrpo": "ExGRPO",
     "exgrpo_no_replay": "ExGRPO with replay_ratio 0",
 }
@@ -46,12 +48,14 @@ COMMANDS = {
     "experience": "python benchmarks/bench_experience.py",
     "target_distribution": "python benchmarks/bench_target_distribution.py",
     "matching_toy": "python benchmarks/bench_matching_toy.py",
+    "pass_at_k": "python benchmarks/bench_pass_at_k.py",
+    "replay": "python benchmarks/bench_replay.py",
 }
 
 
 def _label(name: str, report: dict | None = None) -> str:
     arms = (report or {}).get("settings", {}).get("arms", {})
-    return arms[name]["label"] if name in arms else LABELS.get(name, name)
+    return arms.get(name, {}).get("label") or LABELS.get(name, name)
 
 
 def _verdict(met: bool) -> str:
@@ -169,8 +173,9 @@ def _arms_line(report: dict) -> str:
     if not arms:
         return ""
     parts = [
-        f"{a['label']}: " + (f"`{' '.join(a['overrides'])}`" if a["overrides"] else "the recipe's settings")
-        for a in arms.values()
+        f"{a.get('label', LABELS.get(name, name))}: "
+        + (f"`{' '.join(a['overrides'])}`" if a["overrides"] else "the recipe's settings")
+        for name, a in arms.items()
     ]
     return "Arms (the trainer's embedded recipe plus these flags): " + "; ".join(parts) + "."
 
@@ -287,6 +292,53 @@ def render_distribution_matching(report: dict, results_dir: Path, readme_dir: Pa
     lines += _image(results_dir, readme_dir, "distribution_matching", "distribution matching curves")
     if (results_dir / "distribution_matching_tradeoff.png").is_file():
         lines += _image(results_dir, readme_dir, "distribution_matching_tradeoff", "accuracy against distinct paths")
+    for path in sorted(results_dir.glob("distribution_matching_*steps.json")):
+        lines += _longer_run_lines(json.loads(path.read_text()), report, results_dir, readme_dir, path.stem)
+    return lines
+
+
+LONGER_RUN_ROWS = (
+    ("held-out accuracy (%)", lambda p: 100 * p["accuracy"], "{:.1f}"),
+    ("distinct correct paths", lambda p: p["distinct_correct_paths"], "{:.2f}"),
+    ("total variation to the target", lambda p: p["target"]["tv"], "{:.3f}"),
+)
+
+
+def _longer_run_lines(longer: dict, report: dict, results_dir: Path, readme_dir: Path, stem: str) -> list[str]:
+    """Where the arms of a longer run of benchmark 2 are at its end and at the recipes' step count."""
+    steps, short = longer["settings"]["steps"], report["settings"]["steps"]
+    arms = list(longer["runs"])
+    lines = [
+        "",
+        f"#### At {steps} steps",
+        "",
+        f"The same protocol's chosen learning rates, run for {steps} steps ({', '.join(_label(a, report) for a in arms)};"
+        f" seeds {', '.join(map(str, longer['settings']['seeds']))}; measured on {longer.get('date')}, "
+        f"{longer.get('machine')}). The learning rate is constant, so the first {short} steps of these runs are the "
+        f"runs above: their step-{short} figures are those of the table above.",
+        "",
+    ]
+    rows = []
+    for label, value, fmt in LONGER_RUN_ROWS:
+        cells = []
+        for name in arms:
+            at = {point["step"]: point for point in longer["runs"][name][0]["curve"]}
+            if short not in at:
+                cells.append("-")
+                continue
+            means = [
+                sum(value({p["step"]: p for p in r["curve"]}[step]) for r in longer["runs"][name])
+                / len(longer["runs"][name])
+                for step in (short, steps)
+            ]
+            seeds = [value(r["curve"][-1]) for r in longer["runs"][name]]
+            cells.append(f"{fmt.format(means[0])} -> {fmt.format(means[1])} ({_per_seed(seeds, fmt)})")
+        rows.append((label, cells))
+    lines += _table(f"mean at step {short} -> {steps} (per seed at {steps})", arms, rows, report)
+    for evaluation in longer.get("evaluations", []):
+        if evaluation["role"] == "target":
+            lines += _evaluation_lines(evaluation, longer)
+    lines += _image(results_dir, readme_dir, stem, f"the arms over {steps} steps")
     return lines
 
 
@@ -517,6 +569,117 @@ def render_matching_toy(reports: dict, results_dir: Path, readme_dir: Path) -> l
     return lines
 
 
+# -- benchmark 6 ---------------------------------------------------------------------------------------------------
+
+
+def render_pass_at_k(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
+    s = report["settings"]
+    lines = ["### 6. pass@k on the programming task: GRPO and FlowRL's two objectives", ""]
+    lines += _provenance(report, "pass_at_k")
+    runs = [r for records in report["runs"].values() for r in records]
+    lines[-1] += (
+        f" Seeds {', '.join(map(str, s['seeds']))}; each arm trained by its code recipe ({s['steps']} steps, the "
+        f"recipes' embedded settings and learning rate, {s['jobs']} runs at a time, one torch thread each), then "
+        f"{s['samples']} samples per held-out problem ({s['problems']}) at temperature 1.0. "
+        f"{len(runs)} runs: {_minutes(sum(r['train_seconds'] for r in runs))} of training, "
+        f"{_minutes(sum(r['eval_seconds'] for r in runs))} of evaluation."
+    )
+    arms_line = _arms_line(report)
+    if arms_line:
+        lines += ["", arms_line]
+    arms, initial, summary = list(report["summary"]), report["initial"], report["summary"]
+    samples = len(initial["pass_at_k"])
+    rows = []
+    for k in (k for k in (1, 2, 4, 8, 16, 32, 64) if k <= samples):
+        cells = [f"{100 * initial['pass_at_k'][k - 1]:.1f}"]
+        cells += [_mean_and_seeds(summary[a]["pass_at_k"][k - 1], "{:.1f}", 100.0) for a in arms]
+        rows.append((f"pass@{k} (%)", cells))
+    rows.append(
+        (
+            "avg@k (%)",
+            [f"{100 * initial['accuracy']:.1f}"]
+            + [_mean_and_seeds(summary[a]["accuracy"], "{:.1f}", 100.0) for a in arms],
+        )
+    )
+    for key, label in (
+        ("distinct_passing_programs", "distinct passing programs per problem"),
+        ("distinct_passing_programs_solved", "... per solved problem"),
+    ):
+        start = initial[key]
+        cells = ["-" if start is None else f"{start:.2f}"]
+        cells += ["-" if summary[a][key]["mean"] is None else _mean_and_seeds(summary[a][key], "{:.2f}") for a in arms]
+        rows.append((label, cells))
+    lines += [""] + _table("held-out, mean (per seed)", arms, rows, report, first=("initial",))
+    for evaluation in report.get("evaluations", []):
+        arm = _label(evaluation["arm"], report)
+        role = "Targets (issue 18)" if evaluation["role"] == "target" else "The same thresholds (information)"
+        lines += [
+            "",
+            f"{role}, {arm} against {_label(evaluation['baseline'], report)}: {_verdict(evaluation['met'])}.",
+        ]
+        for name, c in evaluation["checks"].items():
+            state = f"margin {c['margin']:.1f}" if c["met"] else f"short by {-c['margin']:.1f}"
+            lines.append(
+                f"- {name}: {c['value']:+.1f}; target at least {c['threshold']:+.1f}: {_verdict(c['met'])} ({state})."
+            )
+    lines += _image(results_dir, readme_dir, "pass_at_k", "pass@k curves")
+    return lines
+
+
+# -- benchmark 7 ---------------------------------------------------------------------------------------------------
+
+REPLAY_ROWS = (
+    ("held-out accuracy (%)", "accuracy", 100.0, "{:.1f}"),
+    ("distinct correct paths per problem", "distinct_correct_paths", 1.0, "{:.2f}"),
+    ("total variation to the target", "tv", 1.0, "{:.3f}"),
+    ("rollouts generated", "rollouts_generated", 1.0, "{:.0f}"),
+    ("training wall time (s)", "train_seconds", 1.0, "{:.0f}"),
+    ("seconds per step", "seconds_per_step", 1.0, "{:.2f}"),
+)
+REPLAY_CHECKS = {
+    "rollouts_ratio": "rollouts generated to reach the matching arm's final accuracy, ratio to it",
+    "paths": "distinct correct paths at the end",
+    "tv": "total variation to the target at the end",
+    "wall_time_ratio": "training wall time to the matching arm's final accuracy, ratio to it",
+    "step_time_ratio": "seconds per step, ratio to the matching arm's",
+}
+
+
+def render_replay(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
+    lines = ["### 7. Replay of past rollouts for FlowRL's matching objective", ""]
+    lines += _provenance(report, "replay")
+    lines[-1] += f" {_settings_line(report)} Learning rate {report['settings']['learning_rate']:g} for both arms."
+    lines[-1] += " " + _compute_time(report)
+    arms_line = _arms_line(report)
+    if arms_line:
+        lines += ["", arms_line]
+    summary, grpo = report["summary"], report.get("grpo")
+    arms = list(summary)
+    rows = []
+    for label, key, scale, fmt in REPLAY_ROWS:
+        cells = [_mean_and_seeds(summary[a][key], fmt, scale) for a in arms]
+        if grpo:
+            cells.append(_mean_and_seeds(grpo[key], fmt, scale) if key in grpo else "-")
+        rows.append((label, cells))
+    first = ()
+    table = _table("at the end of training, mean (per seed)", arms, rows, report, first=first)
+    if grpo:
+        table[0] = table[0][:-1] + f"| GRPO ({grpo['source']}) |"
+        table[1] += "---:|"
+    lines += [""] + table
+    for name, c in report.get("checks", {}).items():
+        value = "not reached" if c["value"] is None else f"{c['value']:.3f}"
+        lines.append(
+            f"- {REPLAY_CHECKS[name]}: {value}; target {c['comparison']} {c['threshold']:.3f}: {_verdict(c['met'])}."
+        )
+    if report.get("checks"):
+        lines.insert(len(lines) - len(report["checks"]), "")
+    lines += _image(
+        results_dir, readme_dir, "replay", "accuracy against rollouts and wall time, with and without replay"
+    )
+    return lines
+
+
 # -- assembly ------------------------------------------------------------------------------------------------------
 
 
@@ -558,6 +721,14 @@ def render(results_dir: Path, readme_dir: Path) -> str:
     if toys:
         machines.add((next(iter(toys.values())).get("machine"), "cpu"))
         sections.append(render_matching_toy(toys, results_dir, readme_dir))
+    for number, name, renderer in ((6, "pass_at_k", render_pass_at_k), (7, "replay", render_replay)):
+        path = results_dir / f"{name}.json"
+        if not path.is_file():
+            missing.append(f"{number} ({name.replace('_', ' ')})")
+            continue
+        report = json.loads(path.read_text())
+        machines.add((report.get("machine"), report.get("device", "cpu")))
+        sections.append(renderer(report, results_dir, readme_dir))
     if missing:
         lines += ["", "Not run yet: benchmark " + ", ".join(missing) + "."]
     for section in sections:

@@ -420,12 +420,19 @@ def test_results_writer_tables_have_a_header_for_every_cell():
 
 @pytest.fixture(scope="module")
 def smoke_outputs(tmp_path_factory):
-    """Runs the three benchmark scripts in `--smoke` mode, in order, with a shared run cache."""
+    """Runs the benchmark scripts of the embedded tasks in `--smoke` mode, in order, with a shared run cache."""
     root = tmp_path_factory.mktemp("bench")
     output_dir, cache_dir = root / "results", root / "cache"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
     logs = {}
-    for script in ("bench_distribution_matching", "bench_experience", "bench_target_distribution"):
+    scripts = {
+        "bench_distribution_matching": (),
+        "bench_experience": (),
+        "bench_target_distribution": (),
+        "bench_replay": (),
+        "bench_pass_at_k": ("--arms", "grpo,flowrl_matching"),  # the official arm adds only time
+    }
+    for script, extra in scripts.items():
         result = subprocess.run(
             [
                 sys.executable,
@@ -435,6 +442,7 @@ def smoke_outputs(tmp_path_factory):
                 str(output_dir),
                 "--cache-dir",
                 str(cache_dir),
+                *extra,
             ],
             env=env,
             capture_output=True,
@@ -545,6 +553,50 @@ def test_target_distribution_smoke(smoke_outputs):
     assert check["met"] == (check["value"] <= 0.3)
 
 
+def test_replay_smoke(smoke_outputs):
+    output_dir, logs = smoke_outputs
+    report = _load(output_dir, "replay")
+    assert list(report["runs"]) == ["flowrl_matching", "flowrl_matching_replay"]
+    (plain,), (replay,) = report["runs"].values()
+    assert replay["config"]["replay_share"] == 0.5 and plain["config"]["replay_share"] == 0.0
+    assert plain["config"]["learning_rate"] == replay["config"]["learning_rate"] == 1e-4
+    # 8 groups per step: all generated at the first step (the store is empty), fewer at the second
+    assert [p["rollouts_generated"] for p in plain["curve"]] == [0, 64, 128]
+    assert replay["curve"][1]["rollouts_generated"] == 64 < replay["curve"][2]["rollouts_generated"] < 128
+    for run in (plain, replay):
+        seconds = [p["train_seconds"] for p in run["curve"]]
+        assert seconds[0] == 0.0 and seconds[1] > 0 and seconds[2] > seconds[1]
+    assert set(report["checks"]) == {"rollouts_ratio", "paths", "tv", "wall_time_ratio", "step_time_ratio"}
+    for check in report["checks"].values():
+        assert check["met"] == (check["value"] is not None and _holds(check))
+    assert "rollouts_ratio:" in logs["bench_replay"]
+
+
+def _holds(check: dict) -> bool:
+    value, threshold = check["value"], check["threshold"]
+    return {"<=": value <= threshold, ">=": value >= threshold, "<": value < threshold}[check["comparison"]]
+
+
+def test_pass_at_k_smoke(smoke_outputs):
+    output_dir, logs = smoke_outputs
+    report = _load(output_dir, "pass_at_k")
+    assert list(report["summary"]) == ["grpo", "flowrl_matching"]
+    samples = report["settings"]["samples"]
+    assert samples == 4 and len(report["initial"]["pass_at_k"]) == samples
+    for runs in report["runs"].values():
+        (run,) = runs
+        curve = run["pass_at_k"]
+        assert len(curve) == samples and all(a <= b + 1e-12 for a, b in zip(curve, curve[1:]))  # pass@k grows with k
+        # the unbiased estimator at k = n is the share of problems with a correct sample
+        assert curve[-1] == pytest.approx(sum(c > 0 for c in run["num_correct"]) / len(run["num_correct"]))
+        assert curve[0] == pytest.approx(run["accuracy"])  # pass@1 is the mean correctness
+        assert run["train_seconds"] > 0 and run["eval_seconds"] > 0
+    (evaluation,) = report["evaluations"]
+    assert evaluation["arm"] == "flowrl_matching" and evaluation["role"] == "target"
+    assert evaluation["met"] == all(c["met"] for c in evaluation["checks"].values())
+    assert "FlowRL matching (beta 15) against GRPO (target)" in logs["bench_pass_at_k"]
+
+
 def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     output_dir, _ = smoke_outputs
     readme = tmp_path / "README.md"
@@ -559,7 +611,13 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     assert "stale" not in text
     machine = json.loads((output_dir / "experience.json").read_text())["machine"]
     assert machine in text
-    for heading in ("### 2. Distribution matching", "### 3. Experience: ExGRPO vs GRPO", "### 4. Distance to FlowRL"):
+    for heading in (
+        "### 2. Distribution matching",
+        "### 3. Experience: ExGRPO vs GRPO",
+        "### 4. Distance to FlowRL",
+        "### 6. pass@k on the programming task",
+        "### 7. Replay of past rollouts",
+    ):
         assert heading in text
     columns = " | ".join(LABELS[name] for name in bdm.ARMS)
     assert f"| at the end of training, mean (per seed) | initial | {columns} |" in text  # one column per arm
@@ -571,7 +629,7 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     assert "| arm | initial | lr 0.0001 | lr 0.0003 | chosen |" in text  # the learning-rate choice
     assert "distribution_matching_tradeoff.png" in text
     assert "Not run yet: benchmark 1 (overhead)" in text  # no overhead.json here: skipped, and said so
-    assert text.count("Smoke run") == 3
+    assert text.count("Smoke run") == 5
     assert "](" in text and "distribution_matching.png" in text
     assert _table_rows_off_header(text) == []  # every cell of every table under a header
     first = text

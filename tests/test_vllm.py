@@ -120,6 +120,22 @@ def test_flowrl_matching_objective_estimates_log_z_from_each_group(runs):
     assert max(metric(result, "sampling/sampling_logp_difference/mean")) < FOLLOWS
 
 
+def test_flowrl_replay_with_vllm_generates_fewer_rows_and_leaves_replayed_rows_uncorrected(runs):
+    result = runs("flowrl-replay", "--objective", "matching", "--replay_share", "0.5", "--steps", "6")[0]
+    shares = metric(result, "flowrl/replay/share")
+    assert len(shares) == 6 and shares[0] == 0.0 and shares[1:] == [0.5] * 5  # nothing stored before the first step
+    assert metric(result, "flowrl/replay/buffer_rows")[-1] > 0
+    pairs = [
+        (weight, replayed)
+        for weights, rows in zip(result["ratios_in_loss"], result["replayed_in_loss"], strict=True)
+        for weight, replayed in zip(weights, rows, strict=True)
+    ]
+    assert all(w == 1.0 for w, replayed in pairs if replayed)  # vLLM did not sample the stored rows
+    assert any(w != 1.0 for w, replayed in pairs if not replayed)  # fresh rows keep TRL's correction
+    # TRL compares engine and trainer on the rows it generated (before the replayed ones are added): they agree.
+    assert max(metric(result, "sampling/sampling_logp_difference/mean")) < FOLLOWS
+
+
 def test_exgrpo_replays_and_leaves_replayed_rows_uncorrected(runs):
     result = runs("exgrpo", "--trainer", "exgrpo", "--steps", "8")[0]
     assert result["buffer_trajectories"] > 0

@@ -42,6 +42,7 @@ def main():
     parser.add_argument("--save_steps", type=int, default=0)
     parser.add_argument("--resume", default=None, help="a checkpoint to resume from")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--replay_share", type=float, default=0.0, help="FlowRL's replay of past rollouts")
     args = parser.parse_args()
 
     from trl_flowrl import ExGRPOConfig, ExGRPOTrainer, FlowRLConfig, FlowRLTrainer
@@ -70,7 +71,7 @@ def main():
         vllm_max_model_length=128,
     )
     if args.trainer == "flowrl":
-        config = FlowRLConfig(objective=args.objective, **common)
+        config = FlowRLConfig(objective=args.objective, replay_share=args.replay_share, **common)
         trainer_class, reward = FlowRLTrainer, distinct_character_share
     else:
         config = ExGRPOConfig(delayed_start_threshold=0.0, **common)
@@ -106,13 +107,16 @@ def main():
         generation.sync_weights = lambda: None
 
     # What reached the loss: TRL's vLLM importance-sampling ratio, per row.
-    ratios = []
+    ratios, replayed_rows = [], []
     if args.trainer == "flowrl":
         sequence_ratio = trainer._sequence_sampling_ratio
 
         def recording_sequence_ratio(inputs, mask):
             weight = sequence_ratio(inputs, mask)
             ratios.append(None if weight is None else weight.tolist())
+            # which rows of the loss call were replayed (none before the store holds a whole group)
+            replayed = inputs.get("flowrl_replayed")
+            replayed_rows.append([False] * mask.size(0) if replayed is None else replayed.tolist())
             return weight
 
         trainer._sequence_sampling_ratio = recording_sequence_ratio
@@ -141,6 +145,7 @@ def main():
         "synced_names": synced_names,
         "policy_parameter_names": [n for n, _ in trainer.model.named_parameters()],
         "ratios_in_loss": ratios,
+        "replayed_in_loss": replayed_rows,
         "log_z_head": head is not None,
     }
     if head is not None:
