@@ -172,10 +172,15 @@ def source_digest(trainer: str, skip_unused_by_arithmetic: bool = True) -> str:
     """SHA-256 of the code of `trl_flowrl` that a run of `trainer` executes (its Python files' ASTs, docstrings left
     out, without the other trainers' subpackages, nor, by default, the modules a run of the arithmetic task never
     executes; the model a run trains is keyed on its own)."""
+    import trl_flowrl
+
+    # The package this process imported, which need not be this checkout's: a checkout beside an editable install of
+    # another one imports that one (the benchmark modules import trl_flowrl before the path above takes effect).
+    package = Path(trl_flowrl.__file__).resolve().parent
     other_trainers = [f"trl_flowrl/{name}/" for name in ("flowrl", "exgrpo") if name != trainer]
     digest = hashlib.sha256()
-    for path in sorted((REPO / "trl_flowrl").rglob("*.py")):
-        name = str(path.relative_to(REPO))
+    for path in sorted(package.rglob("*.py")):
+        name = str(path.relative_to(package.parent))
         if (skip_unused_by_arithmetic and name in _UNUSED_BY_RUNS) or any(
             name.startswith(prefix) for prefix in other_trainers
         ):
