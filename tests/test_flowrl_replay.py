@@ -230,7 +230,9 @@ def test_replayed_groups_are_not_generated_and_carry_their_stored_rows(tiny_mode
         stored = {tuple(r.completion_ids.tolist()): r for r in trainer.replay_buffer.rows(_digest(prompt))}
         tokens = tuple(inputs["completion_ids"][row][inputs["completion_mask"][row].bool()].tolist())
         assert tokens in stored
-        assert inputs["rewards"][row].item() == stored[tokens].reward
+        # the reward is the one these very tokens earn
+        text = trainer.processing_class.decode(list(tokens), skip_special_tokens=True)
+        assert inputs["rewards"][row].item() == stored[tokens].reward == count_digits([[{"content": text}]])[0]
         assert inputs["flowrl_replay_age"][row].item() == trainer.state.global_step - 1 - stored[tokens].step
     # ... and reference log-probs that the reference model gives it now, padding included (left prompt, right
     # completion): the stored ones are aligned with the replayed tokens.
@@ -255,12 +257,58 @@ def test_clipped_weight_uses_the_stored_sampling_log_probs(tiny_model_path, tmp_
     weights = {}
     for mode in ("none", "clipped"):
         trainer = make_trainer(
-            tiny_model_path, tmp_path / mode, replay_importance_weight=mode, learning_rate=3e-2, max_steps=4
+            tiny_model_path,
+            tmp_path / mode,
+            cls=Recording,
+            replay_importance_weight=mode,
+            learning_rate=3e-2,
+            max_steps=4,
         )
         trainer.train()
         weights[mode] = [e["flowrl/importance_weight/mean"] for e in trainer.state.log_history[1:4]]
     assert weights["none"] == [1.0, 1.0, 1.0]  # each batch is used once: every weight is 1
     assert all(w != 1.0 for w in weights["clipped"])  # the replayed rows were sampled by earlier policies
+    # What weighs a replayed row is the log-probs stored with its tokens (those of the policy that sampled it)
+    inputs = trainer.loss_inputs[-1]
+    for row in inputs["flowrl_replayed"].nonzero().flatten().tolist():
+        mask = inputs["completion_mask"][row].bool()
+        prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
+        tokens = inputs["completion_ids"][row][mask]
+        (stored,) = [
+            r for r in trainer.replay_buffer.rows(_digest(prompt)) if torch.equal(r.completion_ids.long(), tokens)
+        ]
+        torch.testing.assert_close(inputs["flowrl_behaviour_logps"][row][mask], stored.behaviour_logps)
+        assert stored.step < trainer.state.global_step - 1  # written at an earlier step than this one
+
+
+def test_several_steps_per_generation_give_replayed_rows_the_current_log_probs(tiny_model_path, tmp_path):
+    """With two optimizer steps per generation TRL keeps the generating policy's log-probs for the weight and for the
+    group estimate of log Z: a replayed row gets the current policy's, computed when it is replayed."""
+
+    class Checking(Recording):
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            if "flowrl_replayed" in output:
+                replayed = output["flowrl_replayed"]
+                expected = self._policy_logps(
+                    {
+                        k: output[k][replayed]
+                        for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+                    }
+                )
+                mask = output["completion_mask"][replayed].bool()
+                torch.testing.assert_close(output["old_per_token_logps"][replayed][mask], expected[mask])
+                self.checked = getattr(self, "checked", 0) + 1
+            return output
+
+    trainer = make_trainer(tiny_model_path, tmp_path, cls=Checking, steps_per_generation=2, max_steps=6)
+    trainer.train()
+    assert trainer.checked >= 2 and all(torch.isfinite(i["flowrl_log_z"]).all() for i in trainer.loss_inputs)
+
+
+def test_one_group_per_process_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least two groups"):
+        config(tmp_path, replay_share=0.5, per_device_train_batch_size=4)
 
 
 def test_replay_resume_reproduces_an_uninterrupted_run(tiny_model_path, tmp_path):

@@ -271,12 +271,21 @@ def code_grader(tests_column: str = "tests", **reward_kwargs) -> Callable[[list[
     """
     from trl_flowrl.rewards import CodeReward
     from trl_flowrl.rewards.code_reward import extract_code
+    from trl_flowrl.rewards.math_reward import completion_text
 
     reward = CodeReward(scoring="all_or_nothing", tests_column=tests_column, **reward_kwargs)
 
     def grade(completions: list[str], rows: list[dict]) -> list[Grade]:
         tests = [row[tests_column] for row in rows]
-        keys = [(extract_code(c), json.dumps(t, sort_keys=True, default=str)) for c, t in zip(completions, tests)]
+
+        def key(i, completion, test):
+            try:
+                code = extract_code(completion_text(completion))
+            except TypeError:  # not a completion the reward reads: graded on its own, as the reward decides
+                code = ("unread", i)
+            return code, json.dumps(test, sort_keys=True, default=str)
+
+        keys = [key(i, c, t) for i, (c, t) in enumerate(zip(completions, tests))]
         first = {}  # key -> index of its first occurrence, the one that runs
         for i, key in enumerate(keys):
             first.setdefault(key, i)

@@ -166,8 +166,10 @@ class FlowRLConfig(GRPOConfig):
         replay_share (`float`, *optional*, defaults to `0.0`):
             Share of each generation batch's groups taken from the store, in [0, 1); 0 turns replay off. The number of
             replayed groups per process is `replay_share × groups` rounded up or down at random (with a generator
-            shared by every process), so that the share holds on average at any batch size; a batch replays only
-            prompts with at least `num_generations` stored completions (none at the start). TBA replays with
+            shared by every process), so that the share holds on average; at least one group per process is always
+            generated (so at most `(n − 1) / n` of a process's n groups are replayed, and the per-device generation
+            batch must hold at least two groups); a batch replays only prompts with at least `num_generations` stored
+            completions (none at the start). TBA replays with
             probability 1 − m per batch: 0.05 in its GSM8K script, 0.5 the best of its ablation. Needs a residual whose
             fixed point does not depend on the sampler: `reward_in_residual="reward"` and `residual_normalization`
             `"sum"` or `"length"` (the matching objective). It is refused with the official objective, whose reward
@@ -475,6 +477,13 @@ class FlowRLConfig(GRPOConfig):
                 f"({self.replay_buffer_per_prompt})."
             )
         local_generation_batch = self.per_device_train_batch_size * self.steps_per_generation
+        if local_generation_batch < 2 * self.num_generations:
+            raise ValueError(
+                f"replay_share > 0 replaces whole groups and always generates at least one group per process, so the "
+                f"per-device generation batch (per_device_train_batch_size * steps_per_generation = "
+                f"{local_generation_batch}) must hold at least two groups of num_generations ({self.num_generations}): "
+                "with one group per process nothing would ever be replayed. Raise the batch or steps_per_generation."
+            )
         if local_generation_batch % self.num_generations != 0:
             raise ValueError(
                 f"replay_share > 0 replaces whole groups, so the per-device generation batch "

@@ -406,8 +406,10 @@ class FlowRLTrainer(GRPOTrainer):
         mask = output["completion_mask"].bool()
         keep = mask.any(dim=1) & ~torch.isnan(output["rewards"])
         behaviour = None
-        if self.replay_buffer.keep_behaviour_logps:  # the sampling policy's log-probs: vLLM's, TRL's, or computed now
-            behaviour = output.get("sampling_per_token_logps", output.get("old_per_token_logps"))
+        if self.replay_buffer.keep_behaviour_logps:
+            # The trainer's log-probs at generation, as a fresh row's weight uses (vLLM's own, with their NaN for the
+            # tokens it could not score, enter only TRL's separate correction, which replayed rows do not get).
+            behaviour = output.get("old_per_token_logps")
             behaviour = self._policy_logps(output) if behaviour is None else behaviour
         rows = []
         for i in keep.nonzero().flatten().tolist():
@@ -465,8 +467,11 @@ class FlowRLTrainer(GRPOTrainer):
         replay["advantages"] = (rewards - rewards.mean(dim=1, keepdim=True)).flatten().to(output["advantages"].dtype)
 
         fresh = output["prompt_ids"].size(0)
-        width = max(output["prompt_ids"].size(1), replay["prompt_ids"].size(1))
-        length = max(output["completion_ids"].size(1), replay["completion_ids"].size(1))
+        multiple = self.pad_to_multiple_of or 1  # TRL's padding guarantee, kept for the combined batch
+        width = math.ceil(max(output["prompt_ids"].size(1), replay["prompt_ids"].size(1)) / multiple) * multiple
+        length = (
+            math.ceil(max(output["completion_ids"].size(1), replay["completion_ids"].size(1)) / multiple) * multiple
+        )
 
         def left(x, value):
             return torch.nn.functional.pad(x, (width - x.size(1), 0), value=value)

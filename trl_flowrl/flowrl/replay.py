@@ -120,6 +120,11 @@ class RolloutBuffer:
             raise ValueError("This buffer keeps the sampling policy's log-probs: pass one per token.")
         if not math.isfinite(reward):
             raise ValueError(f"A stored completion needs a finite reward, got {reward}.")
+        logps = (
+            [ref_logps] if behaviour_logps is None or not self.keep_behaviour_logps else [ref_logps, behaviour_logps]
+        )
+        if not all(bool(torch.isfinite(x).all()) for x in logps):
+            raise ValueError("A stored completion needs finite log-probs (a NaN or inf would poison its residual).")
         prompt = self._prompts.get(prompt_key)
         if prompt is None:
             prompt = self._prompts[prompt_key] = _Prompt(prompt_ids.detach().to("cpu", torch.int32).clone())
