@@ -112,6 +112,27 @@ def test_damaged_states_are_refused():
         RolloutBuffer(4, 10).load_state_dict(state)
     with pytest.raises(ValueError, match="without the sampling policy's log-probs"):
         RolloutBuffer(4, 10, keep_behaviour_logps=True).load_state_dict(buffer.state_dict())
+    add(buffer, "a", [3])
+    state = buffer.state_dict()
+    state["ref_logps"][0] = float("nan")
+    with pytest.raises(ValueError, match="finite log-probs"):
+        RolloutBuffer(4, 10).load_state_dict(state)
+    state = buffer.state_dict()
+    state["serials"][1] = state["serials"][0]
+    with pytest.raises(ValueError, match="distinct serials"):
+        RolloutBuffer(4, 10).load_state_dict(state)
+    state = buffer.state_dict()
+    state["next_serial"] = 1
+    with pytest.raises(ValueError, match="below next_serial"):
+        RolloutBuffer(4, 10).load_state_dict(state)
+    # the same completion twice under one prompt: the second row's tokens made a copy of the first's
+    state = buffer.state_dict()
+    state["completion_ids"] = torch.tensor([1, 2, 1, 2], dtype=state["completion_ids"].dtype)
+    state["ref_logps"] = torch.zeros(4)
+    state["lengths"] = torch.tensor([2, 2], dtype=state["lengths"].dtype)
+    with pytest.raises(ValueError, match="distinct completions under each prompt"):
+        RolloutBuffer(4, 10).load_state_dict(state)
+    RolloutBuffer(4, 10).load_state_dict(buffer.state_dict())  # the undamaged state still loads
 
 
 def test_drop_longer_than():

@@ -263,11 +263,23 @@ class RolloutBuffer:
                 "completions of listed prompts only",
             ),
             (bool(torch.isfinite(state["rewards"]).all()), "finite rewards"),
+            (
+                all(
+                    x is None or bool(torch.isfinite(x).all()) for x in (state["ref_logps"], state["behaviour_logps"])
+                ),
+                "finite log-probs",
+            ),
             (len(set(state["prompt_keys"])) == num_prompts, "distinct prompt keys"),
+            (len(set(state["serials"].tolist())) == num_rows, "distinct serials"),
+            (num_rows == 0 or int(state["serials"].max()) < int(state["next_serial"]), "serials below next_serial"),
         ]
         for ok, what in checks:
             if not ok:
                 raise ValueError(f"the replay buffer's state does not have {what}")
+        # Loading keys completions by their tokens: a repeated one would silently replace the first.
+        completions = torch.split(state["completion_ids"], state["lengths"].tolist())
+        if len({(p, token_digest(ids)) for p, ids in zip(state["row_prompt"].tolist(), completions)}) != num_rows:
+            raise ValueError("the replay buffer's state does not have distinct completions under each prompt")
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict` (checked with `check_state_dict`), then apply this buffer's bounds."""
