@@ -44,7 +44,14 @@ from dataclasses import asdict, dataclass
 
 from arms import ARMS as ALL_ARMS
 from arms import COLORS, LABELS
-from learning_rates import add_learning_rate_arguments, learning_rate_protocol, option_runner, resolve_learning_rates
+from learning_rates import (
+    add_learning_rate_arguments,
+    choice_report,
+    learning_rate_protocol,
+    option_runner,
+    print_sweep,
+    resolve_learning_rates,
+)
 from metrics import summarize
 from reporting import plot_metric, pyplot, quiet, report_header, write_json
 from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
@@ -198,16 +205,6 @@ def print_report(initial: dict, final: dict, evaluations: list[dict], seeds: lis
             print("  " + describe_check(name, check, LABELS[evaluation["baseline"]]))
 
 
-def print_sweep(sweep: dict, chosen: dict) -> None:
-    print("\nValidation accuracy (avg@k, %) at the end of training, by learning rate (first seed):")
-    for name, by_rate in sweep.items():
-        cells = ", ".join(
-            f"{lr:g}: {100 * r['curve'][-1]['validation']['accuracy']:.1f}{' (chosen)' if lr == chosen[name] else ''}"
-            for lr, r in by_rate.items()
-        )
-        print(f"  {LABELS[name]}: {cells}")
-
-
 def plot_tradeoff(runs: dict, path, sweep: dict | None = None, chosen: dict | None = None) -> None:
     """Held-out accuracy against distinct correct paths at the end of training: each arm a point per seed, and
     (hollow, labelled with the rate) the first seed's runs at the learning rates not chosen."""
@@ -295,19 +292,7 @@ def main(argv=None) -> dict:
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,
-            "learning_rate_choice": {
-                name: {
-                    "chosen": chosen[name],
-                    "validation": {f"{lr:g}": r["curve"][-1]["validation"] for lr, r in sweep[name].items()},
-                    "validation_initial": next(iter(sweep[name].values()))["curve"][0]["validation"],
-                    "held_out_final": {f"{lr:g}": r["curve"][-1]["accuracy"] for lr, r in sweep[name].items()},
-                    "seconds": {
-                        f"{lr:g}": {"train": r["train_seconds"], "eval": r["eval_seconds"]}
-                        for lr, r in sweep[name].items()
-                    },
-                }
-                for name in arms
-            },
+            "learning_rate_choice": choice_report(sweep, chosen),
             "initial": {key: point_value(initial, key) for key, _, _, _ in METRICS},
             "final": final,
             "evaluations": evaluations,

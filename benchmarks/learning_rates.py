@@ -12,6 +12,8 @@ same options and finds every run in the cache.
 
 from dataclasses import replace
 
+from arms import LABELS
+
 
 LEARNING_RATES = "3e-5,1e-4,3e-4"
 
@@ -85,3 +87,31 @@ def learning_rate_protocol(arms, seeds, learning_rates, run) -> tuple[dict, dict
         for name in arms:
             runs[name].append(run(name, seed, ("--learning_rate", f"{chosen[name]:g}")))
     return sweep, chosen, runs
+
+
+def print_sweep(sweep: dict, chosen: dict) -> None:
+    """Each arm's validation accuracy at the end of its run at every rate, the chosen one marked."""
+    print("\nValidation accuracy (avg@k, %) at the end of training, by learning rate (first seed):")
+    for name, by_rate in sweep.items():
+        cells = ", ".join(
+            f"{lr:g}: {100 * r['curve'][-1]['validation']['accuracy']:.1f}{' (chosen)' if lr == chosen[name] else ''}"
+            for lr, r in by_rate.items()
+        )
+        print(f"  {LABELS[name]}: {cells}")
+
+
+def choice_report(sweep: dict, chosen: dict) -> dict:
+    """What a report keeps of the choice, per arm: the chosen rate, each rate's validation figures at the end (and
+    at the start), its held-out accuracy at the end (shown, never used to choose) and its seconds."""
+    return {
+        name: {
+            "chosen": chosen[name],
+            "validation": {f"{lr:g}": r["curve"][-1]["validation"] for lr, r in by_rate.items()},
+            "validation_initial": next(iter(by_rate.values()))["curve"][0]["validation"],
+            "held_out_final": {f"{lr:g}": r["curve"][-1]["accuracy"] for lr, r in by_rate.items()},
+            "seconds": {
+                f"{lr:g}": {"train": r["train_seconds"], "eval": r["eval_seconds"]} for lr, r in by_rate.items()
+            },
+        }
+        for name, by_rate in sweep.items()
+    }

@@ -160,6 +160,8 @@ def _settings_line(report: dict) -> str:
     if chosen:
         per_arm = ", ".join(f"{_label(name, report)} {lr:g}" for name, lr in chosen.items())
         settings += f" except the learning rate, chosen per arm on a validation split ({per_arm})"
+    elif isinstance(rates, dict) and len(rates.get("choices", ())) > 1:  # benchmark 3: a choice in each regime
+        settings += " except the learning rate, chosen per arm and regime on a validation split (below)"
     return (
         f"Seeds {', '.join(map(str, s['seeds']))}; {s['steps']} steps per run with {settings}; "
         f"held-out evaluation every {e['every']} steps on the same {e['num_problems']} problems x "
@@ -225,9 +227,10 @@ def _evaluation_lines(evaluation: dict, report: dict) -> list[str]:
     return ["", intro] + [_check_line(n, c, baseline) for n, c in evaluation["checks"].items()]
 
 
-def _learning_rate_lines(report: dict) -> list[str]:
-    """The learning-rate choice of benchmark 2: validation figures of each arm's runs, one column per rate."""
-    choice = report.get("learning_rate_choice")
+def _learning_rate_lines(report: dict, choice: dict | None = None) -> list[str]:
+    """The learning-rate choice (benchmark 2's, or `choice`: one regime's of benchmark 3): validation figures of each
+    arm's runs, one column per rate."""
+    choice = choice or report.get("learning_rate_choice")
     if not choice:
         return []
     rates = list(next(iter(choice.values()))["validation"])
@@ -382,6 +385,10 @@ def _ablation_seeds(regime: dict) -> list[int]:
 def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
     lines = ["### 3. Experience: ExGRPO vs GRPO where fresh questions are scarce and where they are plentiful", ""]
     lines += _provenance(report, "experience")
+    ablation_seeds = report["settings"].get("ablation_seeds", report["settings"]["seeds"])
+    if ablation_seeds != report["settings"]["seeds"]:
+        flag = f"{COMMANDS['experience']} --ablation-seeds {','.join(map(str, ablation_seeds))}"
+        lines[-1] = lines[-1].replace(f"`{COMMANDS['experience']}`", f"`{flag}`")
     lines[-1] += " " + _settings_line(report) + " " + _experience_time(report)
     weak = report.get("weak_model")
     if weak:
@@ -400,6 +407,15 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
             f"({_per_seed(grpo['final_accuracy']['per_seed'], '{:.1f}', 100)}) after "
             f"{grpo['to_reach_grpo_final']['grpo_rollouts']:.0f} rollouts, having trained on "
             f"{grpo['distinct_questions']['mean']:.0f} distinct questions.",
+        ]
+        lines += _learning_rate_lines(report, regime.get("learning_rate_choice"))
+        if "learning_rate_choice" in regime and _ablation_seeds(regime):
+            rate = regime["learning_rate_choice"]["exgrpo"]["chosen"]
+            lines += [
+                "",
+                f"The ablations run at ExGRPO's chosen rate ({rate:g}): each removes one part and keeps the rest.",
+            ]
+        lines += [
             "",
             "| arm | final accuracy, % (per seed) | minus GRPO, points | rollouts to reach GRPO's final, x GRPO's "
             "(per seed) | minus ExGRPO, points (ablations, same seeds) | distinct questions trained | most replays "

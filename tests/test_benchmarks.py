@@ -503,8 +503,6 @@ def test_distribution_matching_smoke(smoke_outputs):
 def test_experience_smoke(smoke_outputs):
     output_dir, logs = smoke_outputs
     report = _load(output_dir, "experience")
-    # benchmark 2's runs carry the validation split of its learning-rate protocol, benchmark 3's do not: not shared
-    assert "reusing the cached run" not in logs["bench_experience"]
     assert set(report["regimes"]) == {"scarce", "plentiful"}
     scarce, plentiful = report["runs"]["scarce"], report["runs"]["plentiful"]
     assert list(scarce) == ["grpo", "exgrpo", "exgrpo_no_replay", "exgrpo_no_shaping"]  # one ablation in smoke mode
@@ -512,7 +510,24 @@ def test_experience_smoke(smoke_outputs):
     (grpo,) = plentiful["grpo"]
     (exgrpo,) = scarce["exgrpo"]
     (no_replay,) = scarce["exgrpo_no_replay"]
-    assert grpo["cached"] is False and exgrpo["cached"] is False
+    # the learning-rate protocol in each regime: the main arms choose on the validation split, the ablations run at
+    # ExGRPO's choice
+    assert report["settings"]["learning_rates"]["choices"] == [1e-4, 3e-4]
+    for name, regime in report["regimes"].items():
+        choice = regime["learning_rate_choice"]
+        assert list(choice) == (["grpo", "exgrpo", "exgrpo_no_replay"] if name == "scarce" else list(plentiful))
+        for arm, c in choice.items():
+            best = max(v["accuracy"] for v in c["validation"].values())
+            assert c["validation"][f"{c['chosen']:g}"]["accuracy"] == best
+            (run,) = report["runs"][name][arm]
+            assert run["config"]["learning_rate"] == c["chosen"]
+    assert (
+        scarce["exgrpo_no_shaping"][0]["config"]["learning_rate"]
+        == report["regimes"]["scarce"]["learning_rate_choice"]["exgrpo"]["chosen"]
+    )
+    # the plentiful regime's GRPO is benchmark 2's (the same recipe, model, rates and tracking): found in the cache
+    assert grpo["cached"] is True and "reusing the cached run" in logs["bench_experience"]
+    assert exgrpo["cached"] is False
     # the scarce regime trains the weaker model on fewer problems
     assert exgrpo["model"] != grpo["model"] and "weak-model" in exgrpo["model"]["path"]
     assert exgrpo["num_train_problems"] == 800 and grpo["num_train_problems"] == 2000
