@@ -32,7 +32,8 @@ Learning rates (issue 18, `learning_rates.py`): in each regime, every main arm c
 `--learning-rates` on a validation split (train-split problems outside the regime's training set, never the held-out
 ones), one run per rate with the first seed and the same steps for every arm; the other seeds run at the chosen rate.
 The ablations run at the rate ExGRPO chose in that regime: an ablation removes one part and keeps everything else. The
-plentiful regime's GRPO is benchmark 2's GRPO arm (same recipe, model, rates and tracking): the run cache shares it.
+plentiful regime's GRPO trains exactly as benchmark 2's GRPO arm (same recipe, model and rates); the run cache shares
+the runs when both benchmarks also track alike (the same `--eval-every` and evaluation options).
 
 Rollouts are counted where TRL generates them: ExGRPO generates as many as GRPO and then replaces one fresh completion
 of each replayed group by the stored trajectory it replays, so it *uses* fewer fresh ones (both counts are reported;
@@ -330,9 +331,15 @@ def main(argv=None) -> dict:
         raise SystemExit(f"Unknown regime(s) {sorted(unknown)}: use {list(REGIMES)}.")
     ablations = parse_arms(args.ablations, ()) if args.ablations else []
     ablation_seeds = seeds if args.ablation_seeds is None else [int(s) for s in args.ablation_seeds.split(",")]
-    if not set(ablation_seeds) <= set(seeds):
+    main_arms = set(REGIMES["scarce"].arms)
+    if main_arms & set(ablations):
         raise SystemExit(
-            f"--ablation-seeds {ablation_seeds} must be among --seeds {seeds} (they are compared per seed)."
+            f"--ablations {sorted(main_arms & set(ablations))} are main arms of the scarce regime (they choose their "
+            "own learning rate); list only the ablations."
+        )
+    if len(set(ablation_seeds)) != len(ablation_seeds) or not set(ablation_seeds) <= set(seeds):
+        raise SystemExit(
+            f"--ablation-seeds {ablation_seeds} must be distinct and among --seeds {seeds} (they are compared per seed)."
         )
     if args.smoke:  # every kind of arm once, in as few runs as possible
         ablations = ablations[:1]

@@ -162,6 +162,8 @@ def _settings_line(report: dict) -> str:
         settings += f" except the learning rate, chosen per arm on a validation split ({per_arm})"
     elif isinstance(rates, dict) and len(rates.get("choices", ())) > 1:  # benchmark 3: a choice in each regime
         settings += " except the learning rate, chosen per arm and regime on a validation split (below)"
+    elif isinstance(rates, dict) and rates.get("choices"):
+        settings += f" except the learning rate, {rates['choices'][0]:g} for every arm"
     return (
         f"Seeds {', '.join(map(str, s['seeds']))}; {s['steps']} steps per run with {settings}; "
         f"held-out evaluation every {e['every']} steps on the same {e['num_problems']} problems x "
@@ -230,7 +232,8 @@ def _evaluation_lines(evaluation: dict, report: dict) -> list[str]:
 def _learning_rate_lines(report: dict, choice: dict | None = None) -> list[str]:
     """The learning-rate choice (benchmark 2's, or `choice`: one regime's of benchmark 3): validation figures of each
     arm's runs, one column per rate."""
-    choice = choice or report.get("learning_rate_choice")
+    if choice is None:
+        choice = report.get("learning_rate_choice")
     if not choice:
         return []
     rates = list(next(iter(choice.values()))["validation"])
@@ -386,7 +389,7 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
     lines = ["### 3. Experience: ExGRPO vs GRPO where fresh questions are scarce and where they are plentiful", ""]
     lines += _provenance(report, "experience")
     ablation_seeds = report["settings"].get("ablation_seeds", report["settings"]["seeds"])
-    if ablation_seeds != report["settings"]["seeds"]:
+    if ablation_seeds != report["settings"]["seeds"] and any(map(_ablation_seeds, report["regimes"].values())):
         flag = f"{COMMANDS['experience']} --ablation-seeds {','.join(map(str, ablation_seeds))}"
         lines[-1] = lines[-1].replace(f"`{COMMANDS['experience']}`", f"`{flag}`")
     lines[-1] += " " + _settings_line(report) + " " + _experience_time(report)

@@ -520,12 +520,11 @@ def test_experience_smoke(smoke_outputs):
             best = max(v["accuracy"] for v in c["validation"].values())
             assert c["validation"][f"{c['chosen']:g}"]["accuracy"] == best
             (run,) = report["runs"][name][arm]
+            assert run["extra_overrides"][-2:] == ["--learning_rate", f"{c['chosen']:g}"]
             assert run["config"]["learning_rate"] == c["chosen"]
-    assert (
-        scarce["exgrpo_no_shaping"][0]["config"]["learning_rate"]
-        == report["regimes"]["scarce"]["learning_rate_choice"]["exgrpo"]["chosen"]
-    )
-    # the plentiful regime's GRPO is benchmark 2's (the same recipe, model, rates and tracking): found in the cache
+    exgrpo_rate = report["regimes"]["scarce"]["learning_rate_choice"]["exgrpo"]["chosen"]
+    assert scarce["exgrpo_no_shaping"][0]["extra_overrides"][-2:] == ["--learning_rate", f"{exgrpo_rate:g}"]
+    # the plentiful regime's GRPO trains as benchmark 2's, tracked alike here (smoke settings): found in the cache
     assert grpo["cached"] is True and "reusing the cached run" in logs["bench_experience"]
     assert exgrpo["cached"] is False
     # the scarce regime trains the weaker model on fewer problems
@@ -641,7 +640,16 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     assert "The former target of issue 9, FlowRL matching (beta 15) against GRPO" in text
     assert "`--objective matching --beta 15`" in text  # what each arm is
     assert "Issue 18's bound on these problems, FlowRL matching (beta 15) (target):" in text
-    assert "| arm | initial | lr 0.0001 | lr 0.0003 | chosen |" in text  # the learning-rate choice
+    # the learning-rate choice: benchmark 2's table and one per regime of benchmark 3
+    assert text.count("| arm | initial | lr 0.0001 | lr 0.0003 | chosen |") == 3
+    assert "chosen per arm and regime on a validation split" in text
+    assert "The ablations run at ExGRPO's chosen rate" in text
+    (requeue,) = [  # its row of the plentiful regime's table (its learning-rate row has 5 cells)
+        line.split(" | ")
+        for line in text.splitlines()
+        if line.startswith("| ExGRPO, displaced questions requeued |") and line.count(" | ") > 4
+    ]
+    assert requeue[4] == "-"  # minus ExGRPO: in the plentiful regime it is a main arm, not an ablation
     assert "distribution_matching_tradeoff.png" in text
     assert "Not run yet: benchmark 1 (overhead)" in text  # no overhead.json here: skipped, and said so
     assert text.count("Smoke run") == 5

@@ -118,6 +118,11 @@ def test_damaged_states_are_refused():
     with pytest.raises(ValueError, match="finite log-probs"):
         RolloutBuffer(4, 10).load_state_dict(state)
     state = buffer.state_dict()
+    state["behaviour_logps"] = torch.zeros_like(state["ref_logps"])
+    state["behaviour_logps"][-1] = float("inf")
+    with pytest.raises(ValueError, match="finite log-probs"):
+        RolloutBuffer(4, 10, keep_behaviour_logps=True).load_state_dict(state)
+    state = buffer.state_dict()
     state["serials"][1] = state["serials"][0]
     with pytest.raises(ValueError, match="distinct serials"):
         RolloutBuffer(4, 10).load_state_dict(state)
