@@ -420,8 +420,8 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
             ]
         lines += [
             "",
-            "| arm | final accuracy, % (per seed) | minus GRPO, points | rollouts to reach GRPO's final, x GRPO's "
-            "(per seed) | minus ExGRPO, points (ablations, same seeds) | distinct questions trained | most replays "
+            "| arm | final accuracy, % (per seed) | minus GRPO, points (same seeds) | rollouts to reach GRPO's final, "
+            "x GRPO's (per seed; same seeds) | minus ExGRPO, points (ablations, same seeds) | distinct questions trained | most replays "
             "of one question | replay from step | paper |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
@@ -437,7 +437,7 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
                 + (f"{s['gap_to_exgrpo_points']['mean']:+.1f}" if "gap_to_exgrpo_points" in s else "-")
                 + f" | {s['distinct_questions']['mean']:.0f} | "
                 + (", ".join(map(str, most)) if most and any(most) else "-")
-                + f" | {', '.join(started) if arm != 'grpo' else '-'} | {PAPER_EXGRPO.get(arm, '')} |"
+                + f" | {', '.join(started) if most and any(most) else '-'} | {PAPER_EXGRPO.get(arm, '')} |"
             )
         points = [p for p in regime["equal_rollouts"] if p["step"] % 50 == 0 or p is regime["equal_rollouts"][-1]]
         arms = list(regime["arms"])
@@ -467,7 +467,10 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
             value = f"{check['value']:+.1f} points"
             per_seed = ", ".join(f"{v:+.1f}" for v in check["per_seed"])
         arm = f" ({_label(check['arm'], report)})" if "arm" in check else ""
-        lines.append(f"- {check['description']}: {value}{arm} (per seed {per_seed}), {_verdict(check['met'])}.")
+        regime = key.split("_")[0]  # scarce_rollouts, scarce_gain, plentiful_best
+        lines.append(
+            f"- {regime}: {check['description']}: {value}{arm} (per seed {per_seed}), {_verdict(check['met'])}."
+        )
     return lines + _image(results_dir, readme_dir, "experience", "accuracy against rollouts in both regimes")
 
 
