@@ -278,14 +278,14 @@ def code_grader(tests_column: str = "tests", **reward_kwargs) -> Callable[[list[
     def grade(completions: list[str], rows: list[dict]) -> list[Grade]:
         tests = [row[tests_column] for row in rows]
 
-        def key(i, completion, test):
+        def grading_key(i, completion, test):
             try:
                 code = extract_code(completion_text(completion))
             except TypeError:  # not a completion the reward reads: graded on its own, as the reward decides
                 code = ("unread", i)
             return code, json.dumps(test, sort_keys=True, default=str)
 
-        keys = [key(i, c, t) for i, (c, t) in enumerate(zip(completions, tests))]
+        keys = [grading_key(i, c, t) for i, (c, t) in enumerate(zip(completions, tests))]
         first = {}  # key -> index of its first occurrence, the one that runs
         for i, key in enumerate(keys):
             first.setdefault(key, i)
