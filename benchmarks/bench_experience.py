@@ -70,7 +70,7 @@ from learning_rates import (
     resolve_learning_rates,
 )
 from metrics import mean_curve, rollouts_to_reach, summarize
-from reporting import plot_metric, pyplot, quiet, report_header, write_json
+from reporting import command_line, plot_metric, pyplot, quiet, report_header, write_json
 from run_options import add_run_arguments, parse_arms, resolve_run_arguments, run_settings
 from runs import REPO, run_summary, tracked_run
 
@@ -397,7 +397,7 @@ def main(argv=None) -> dict:
     settings = run_settings(args, seeds, spec, arms_run)
     settings["learning_rates"] = {"choices": learning_rates, "ablations": "ExGRPO's chosen rate"}
     settings["ablation_seeds"] = ablation_seeds
-    report = report_header("experience", args.smoke, settings)
+    report = report_header("experience", args.smoke, settings, command_line(__file__, argv))
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from arms import ARMS as ALL_ARMS
 from arms import COLORS, LABELS
-from reporting import pyplot, report_header, write_json
+from reporting import command_line, pyplot, report_header, write_json
 from run_options import parse_arms
 from runs import REPO, files_digest, source_digest
 
@@ -334,7 +334,7 @@ def main(argv=None) -> dict:
         },
         "recipes": {name: str(recipe_config(ALL_ARMS[name].trainer).relative_to(REPO)) for name in arms},
     }
-    report = report_header("pass_at_k", args.smoke, settings)
+    report = report_header("pass_at_k", args.smoke, settings, command_line(__file__, argv))
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,

@@ -35,7 +35,7 @@ import time
 from arms import COLORS, LABELS
 from learning_rates import option_runner
 from metrics import mean_curve, rollouts_to_reach, summarize
-from reporting import pyplot, quiet, report_header, write_json
+from reporting import command_line, pyplot, quiet, report_header, write_json
 from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
 from runs import REPO, run_summary
 
@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
 
     settings = run_settings(args, seeds, spec, arms)
     settings["learning_rate"] = args.learning_rate
-    report = report_header("replay", args.smoke, settings)
+    report = report_header("replay", args.smoke, settings, command_line(__file__, argv))
     report.update(
         {
             "wall_time_s": time.perf_counter() - start,

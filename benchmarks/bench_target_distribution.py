@@ -42,7 +42,7 @@ import bench_distribution_matching as bdm
 from arms import COLORS, LABELS
 from learning_rates import add_learning_rate_arguments, learning_rate_protocol, option_runner, resolve_learning_rates
 from metrics import mean_distance, path_distribution_distance, summarize
-from reporting import plot_metric, pyplot, quiet, report_header, write_json
+from reporting import command_line, plot_metric, pyplot, quiet, report_header, write_json
 from run_options import add_arms_argument, add_run_arguments, parse_arms, resolve_run_arguments, run_settings
 
 
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
 
     settings = run_settings(args, seeds, spec, arms)
     settings["learning_rates"] = {"choices": learning_rates, "chosen": chosen}
-    report = report_header("target_distribution", args.smoke, settings)
+    report = report_header("target_distribution", args.smoke, settings, command_line(__file__, argv))
     report["settings"].update({"problems": args.problems, "problem_seed": args.problem_seed})
     report.update(
         {

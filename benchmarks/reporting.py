@@ -12,6 +12,8 @@ import datetime
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -31,11 +33,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def report_header(benchmark: str, smoke: bool, settings: dict) -> dict:
+def command_line(script: str, argv=None) -> str:
+    """How a benchmark was invoked, as the README shows it: `python benchmarks/<script> <argv>` (argv None: this
+    process's own arguments)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *argv])
+
+
+def report_header(benchmark: str, smoke: bool, settings: dict, command: str | None = None) -> dict:
+    """The head of a benchmark's JSON; `command` (see `command_line`) is how it was run, so that the README can say."""
     import torch
 
     return {
         "benchmark": benchmark,
+        "command": command,
         "smoke": smoke,
         "date": time.strftime("%Y-%m-%d"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

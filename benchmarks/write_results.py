@@ -51,6 +51,8 @@ COMMANDS = {
     "pass_at_k": "python benchmarks/bench_pass_at_k.py",
     "replay": "python benchmarks/bench_replay.py",
 }
+# The benchmarks whose options come from `run_options.add_run_arguments` (defaults: 300 steps, evaluation every 25).
+SHARED_OPTIONS = ("distribution_matching", "experience", "replay", "target_distribution")
 
 
 def _label(name: str, report: dict | None = None) -> str:
@@ -66,13 +68,27 @@ def _per_seed(values, fmt="{:.2f}", scale=1.0) -> str:
     return ", ".join(fmt.format(scale * v) for v in values)
 
 
+def _command(report: dict, name: str) -> str:
+    """How the report was made: the command it recorded, or (a report written before benchmarks recorded it) the
+    script with the flags its settings show to differ from the shared defaults of `run_options.py`."""
+    if report.get("command") or name not in SHARED_OPTIONS:
+        return report.get("command") or COMMANDS[name]
+    settings = report.get("settings", {})
+    flags = []
+    if isinstance(settings.get("steps"), int) and settings["steps"] != 300:
+        flags.append(f"--steps {settings['steps']}")
+    if isinstance(settings.get("eval"), dict) and settings["eval"].get("every", 25) != 25:
+        flags.append(f"--eval-every {settings['eval']['every']}")
+    return " ".join([COMMANDS[name], *flags])
+
+
 def _provenance(report: dict, name: str) -> list[str]:
     smoke = " **Smoke run (a check that the script runs), not a measurement.**" if report.get("smoke") else ""
     threads = f", {report['torch_threads']} torch thread(s) per process" if report.get("torch_threads") else ""
     device = report.get("device", "cpu")
     return [
         f"Measured on {report.get('machine', 'an unrecorded machine')} ({device}{threads}) on "
-        f"{report.get('date', 'an unrecorded date')} with `{COMMANDS[name]}`.{smoke}"
+        f"{report.get('date', 'an unrecorded date')} with `{_command(report, name)}`.{smoke}"
     ]
 
 
@@ -314,16 +330,27 @@ def _longer_run_lines(longer: dict, report: dict, results_dir: Path, readme_dir:
     """Where the arms of a longer run of benchmark 2 are at its end and at the recipes' step count."""
     steps, short = longer["settings"]["steps"], report["settings"]["steps"]
     arms = list(longer["runs"])
-    lines = [
-        "",
-        f"#### At {steps} steps",
-        "",
-        f"The same protocol's chosen learning rates, run for {steps} steps ({', '.join(_label(a, report) for a in arms)};"
-        f" seeds {', '.join(map(str, longer['settings']['seeds']))}; measured on {longer.get('date')}, "
-        f"{longer.get('machine')}). The learning rate is constant, so the first {short} steps of these runs are the "
-        f"runs above: their step-{short} figures are those of the table above.",
-        "",
-    ]
+    chosen = report["settings"].get("learning_rates", {}).get("chosen", {})
+    rates = longer["settings"].get("learning_rates", {}).get("chosen", {})
+    protocol = [a for a in arms if a in chosen and rates.get(a) == chosen[a]]
+    others = [a for a in arms if a not in protocol]
+    text = (
+        f"Measured on {longer.get('date')}, {longer.get('machine')}, with `{_command(longer, 'distribution_matching')}`"
+        f" (seeds {', '.join(map(str, longer['settings']['seeds']))})."
+    )
+    if protocol:
+        text += (
+            f" {', '.join(_label(a, report) for a in protocol)}: the learning rates the protocol chose above, run for "
+            f"{steps} steps. The learning rate is constant, so the first {short} steps of these runs are the runs "
+            f"above: their step-{short} figures are those of the table above."
+        )
+    for a in others:
+        if a in rates:
+            text += (
+                f" {_label(a, longer)}, not an arm of the protocol above, ran at {rates[a]:g} without a choice of its"
+                f" own; its step-{short} figures are read from these runs."
+            )
+    lines = ["", f"#### At {steps} steps", "", text, ""]
     rows = []
     for label, value, fmt in LONGER_RUN_ROWS:
         cells = []
@@ -342,9 +369,10 @@ def _longer_run_lines(longer: dict, report: dict, results_dir: Path, readme_dir:
         rows.append((label, cells))
     lines += _table(f"mean at step {short} -> {steps} (per seed at {steps})", arms, rows, report)
     for evaluation in longer.get("evaluations", []):
-        if evaluation["role"] == "target":
+        if evaluation["role"] in ("target", "information"):
             lines += _evaluation_lines(evaluation, longer)
     lines += _image(results_dir, readme_dir, stem, f"the arms over {steps} steps")
+    lines += _image(results_dir, readme_dir, f"{stem}_tradeoff", f"accuracy against distinct paths at {steps} steps")
     return lines
 
 
@@ -389,7 +417,12 @@ def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list
     lines = ["### 3. Experience: ExGRPO vs GRPO where fresh questions are scarce and where they are plentiful", ""]
     lines += _provenance(report, "experience")
     ablation_seeds = report["settings"].get("ablation_seeds", report["settings"]["seeds"])
-    if ablation_seeds != report["settings"]["seeds"] and any(map(_ablation_seeds, report["regimes"].values())):
+    recorded = bool(report.get("command"))  # a report written before commands were recorded: the flag from settings
+    if (
+        not recorded
+        and ablation_seeds != report["settings"]["seeds"]
+        and any(map(_ablation_seeds, report["regimes"].values()))
+    ):
         flag = f"{COMMANDS['experience']} --ablation-seeds {','.join(map(str, ablation_seeds))}"
         lines[-1] = lines[-1].replace(f"`{COMMANDS['experience']}`", f"`{flag}`")
     lines[-1] += " " + _settings_line(report) + " " + _experience_time(report)

@@ -330,6 +330,54 @@ def test_results_writer_target_lines():
     assert write_results._evaluation_lines(met, report)[4].endswith("**met** (margin 0.050).")
 
 
+def test_results_writer_names_the_command_a_report_was_made_with():
+    settings = {"steps": 600, "eval": {"every": 50}}
+    recorded = {"command": "python benchmarks/bench_distribution_matching.py --steps 600", "settings": settings}
+    assert write_results._command(recorded, "distribution_matching") == recorded["command"]
+    # a report from before commands were recorded: the flags its settings show to differ from the shared defaults
+    assert write_results._command({"settings": settings}, "distribution_matching") == (
+        "python benchmarks/bench_distribution_matching.py --steps 600 --eval-every 50"
+    )
+    assert write_results._command({"settings": {"steps": 300, "eval": {"every": 25}}}, "replay") == (
+        "python benchmarks/bench_replay.py"
+    )
+    # benchmarks with options of their own (here 20 steps is benchmark 1's default) are not second-guessed
+    assert write_results._command({"settings": {"steps": 20}}, "overhead") == "python benchmarks/bench_overhead.py"
+
+
+def test_results_writer_longer_runs_say_which_rates_the_protocol_chose():
+    def run(accuracies):  # a curve evaluated at steps 0, 300 and 600
+        points = [(0, 0.4), (300, accuracies[0]), (600, accuracies[1])]
+        return {
+            "curve": [
+                {"step": s, "accuracy": a, "distinct_correct_paths": 3.0, "target": {"tv": 0.5}} for s, a in points
+            ]
+        }
+
+    arms = {"grpo": {"label": "GRPO"}, "flowrl_matching_b5": {"label": "FlowRL matching (beta 5)"}}
+    report = {"settings": {"steps": 300, "arms": arms, "learning_rates": {"chosen": {"grpo": 1e-4}}}}
+    longer = {
+        "command": "python benchmarks/bench_distribution_matching.py --steps 600",
+        "date": "2026-12-07",
+        "machine": "m",
+        "settings": {
+            "steps": 600,
+            "seeds": [0, 1],
+            "arms": arms,
+            "learning_rates": {"chosen": {"grpo": 1e-4, "flowrl_matching_b5": 1e-4}},
+        },
+        "runs": {"grpo": [run((0.7, 0.8)), run((0.8, 0.9))], "flowrl_matching_b5": [run((0.5, 0.6)), run((0.6, 0.6))]},
+        "evaluations": [],
+    }
+    lines = write_results._longer_run_lines(longer, report, Path("/nonexistent"), Path("/nonexistent"), "x")
+    text = "\n".join(lines)
+    assert "with `python benchmarks/bench_distribution_matching.py --steps 600` (seeds 0, 1)" in text
+    assert "GRPO: the learning rates the protocol chose above, run for 600 steps." in text
+    assert "FlowRL matching (beta 5), not an arm of the protocol above, ran at 0.0001 without a choice" in text
+    assert "| held-out accuracy (%) | 75.0 -> 85.0 (80.0, 90.0) | 55.0 -> 60.0 (60.0, 60.0) |" in text
+    assert _table_rows_off_header(text) == []
+
+
 def test_replace_block_keeps_everything_outside_the_markers():
     text = f"# Title\n\nintro\n{write_results.START}\nold\nstuff\n{write_results.END}\n\n## After\ntext\n"
     updated = write_results.replace_block(text, "## Results\n\nnew\n")
@@ -468,6 +516,7 @@ def test_distribution_matching_smoke(smoke_outputs):
     log = logs["bench_distribution_matching"]
     assert "issue 18 (target): FlowRL matching (beta 15) against GRPO:" in log
     assert list(report["runs"]) == list(bdm.ARMS) == list(report["settings"]["arms"])
+    assert report["command"].startswith("python benchmarks/bench_distribution_matching.py --smoke --output-dir ")
     # the learning-rate protocol: two rates in smoke mode, chosen on the validation split, the chosen run reused
     assert report["settings"]["learning_rates"]["choices"] == [1e-4, 3e-4]
     for name, choice in report["learning_rate_choice"].items():
@@ -625,6 +674,7 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     assert "stale" not in text
     machine = json.loads((output_dir / "experience.json").read_text())["machine"]
     assert machine in text
+    assert "with `python benchmarks/bench_experience.py --smoke --output-dir " in text  # the recorded command
     for heading in (
         "### 2. Distribution matching",
         "### 3. Experience: ExGRPO vs GRPO",
