@@ -38,8 +38,8 @@ total variation to the target at most 0.3. Also reported: issue 9's former targe
 `flowrl_matching` and, as information, for `flowrl_matching_b5`, and issue 6's for `flowrl` (2x the paths, within 5
 points). Prints every figure, per seed and mean, and each target met or missed with its margin, and writes
 `distribution_matching.json`, `.png` (curves) and `_tradeoff.png` (accuracy against paths) to `--output-dir`; runs
-longer than the recipes' 300 steps write `distribution_matching_<N>steps.*` instead, beside them. Nothing is tuned to
-meet a target.
+of another length than the recipes' 300 steps write `distribution_matching_<N>steps.*` instead, beside them (the
+README shows those longer than 300 steps). Nothing is tuned to meet a target.
 """
 
 import argparse
@@ -210,32 +210,39 @@ def print_report(initial: dict, final: dict, evaluations: list[dict], seeds: lis
             print("  " + describe_check(name, check, LABELS[evaluation["baseline"]]))
 
 
+def mean_point(records: list[dict], step: int | None = None) -> tuple[float, float] | None:
+    """The mean (distinct correct paths, held-out accuracy in %) over runs at `step` (None: the end), or None when some
+    run was not evaluated at that step."""
+    points = [
+        r["curve"][-1] if step is None else next((p for p in r["curve"] if p["step"] == step), None) for r in records
+    ]
+    if not points or None in points:
+        return None
+    return (
+        sum(p["distinct_correct_paths"] for p in points) / len(points),
+        sum(100 * p["accuracy"] for p in points) / len(points),
+    )
+
+
 def plot_tradeoff(
     runs: dict, path, sweep: dict | None = None, chosen: dict | None = None, earlier_step: int | None = None
 ) -> None:
     """Held-out accuracy against distinct correct paths at the end of training: each arm a point per seed, and
     (hollow, labelled with the rate) the first seed's runs at the learning rates not chosen. With `earlier_step`
-    (runs longer than the recipes'), an arrow from each arm's mean at that step to its mean at the end."""
+    (runs longer than the recipes'), an arrow from each arm's mean at that step (hollow X) to its mean at the end."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name, records in runs.items() if earlier_step else ():
-        points = [next((p for p in r["curve"] if p["step"] == earlier_step), None) for r in records]
-        if None in points:
-            continue
-        start = (
-            sum(p["distinct_correct_paths"] for p in points) / len(points),
-            sum(100 * p["accuracy"] for p in points) / len(points),
-        )
-        end = (
-            sum(r["curve"][-1]["distinct_correct_paths"] for r in records) / len(records),
-            sum(100 * r["curve"][-1]["accuracy"] for r in records) / len(records),
-        )
-        ax.scatter([start[0]], [start[1]], facecolors="none", edgecolors=COLORS[name], marker="X", s=120)
-        ax.annotate("", end, start, arrowprops={"arrowstyle": "->", "color": COLORS[name], "alpha": 0.7})
+    moved = {name: mean_point(records, earlier_step) for name, records in runs.items()} if earlier_step else {}
+    for name, start in moved.items():
+        if start is not None:
+            ax.scatter([start[0]], [start[1]], facecolors="none", edgecolors=COLORS[name], marker="X", s=120)
+            ax.annotate("", mean_point(runs[name]), start, arrowprops={"arrowstyle": "->", "color": COLORS[name]})
+    others = False
     for name, by_rate in (sweep or {}).items():
         for lr, record in by_rate.items():
             if chosen and lr == chosen[name]:
                 continue
+            others = True
             point = record["curve"][-1]
             x, y = point["distinct_correct_paths"], 100 * point["accuracy"]
             ax.scatter([x], [y], facecolors="none", edgecolors=COLORS[name], s=40)
@@ -245,18 +252,18 @@ def plot_tradeoff(
         xs = [p["distinct_correct_paths"] for p in finals]
         ys = [100 * p["accuracy"] for p in finals]
         ax.scatter(xs, ys, color=COLORS[name], alpha=0.6, label=LABELS[name])
-        ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], color=COLORS[name], marker="X", s=120, edgecolor="k")
+        ax.scatter(*zip(mean_point(records)), color=COLORS[name], marker="X", s=120, edgecolor="k")
     initial = next(iter(runs.values()))[0]["curve"][0]
     ax.scatter([initial["distinct_correct_paths"]], [100 * initial["accuracy"]], color="k", marker="*", s=150)
     ax.annotate("initial model", (initial["distinct_correct_paths"], 100 * initial["accuracy"]), fontsize=8)
     ax.set_xlabel("distinct correct paths per held-out problem")
     ax.set_ylabel("held-out accuracy (avg@k, %)")
-    ax.set_title(
-        "End of training at the chosen learning rate (dots: seeds, X: mean; hollow: other rates, first seed)"
-        if not earlier_step
-        else f"Step {earlier_step} (hollow X: mean) -> end of training (dots: seeds, X: mean)",
-        fontsize=9,
-    )
+    legend = ["dots: seeds, X: mean"]
+    if others:
+        legend.append("hollow: other rates, first seed")
+    if any(start is not None for start in moved.values()):
+        legend.append(f"hollow X: mean at step {earlier_step}")
+    ax.set_title(f"End of training at the chosen learning rate ({'; '.join(legend)})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -33,11 +33,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+LOCAL_PATH_OPTIONS = ("--output-dir", "--cache-dir")  # where this machine kept files: no part of the measurement
+
+
 def command_line(script: str, argv=None) -> str:
     """How a benchmark was invoked, as the README shows it: `python benchmarks/<script> <argv>` (argv None: this
-    process's own arguments)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return shlex.join(["python", f"benchmarks/{Path(script).name}", *argv])
+    process's own arguments), without the options that only name local directories."""
+    argv, kept = list(sys.argv[1:] if argv is None else argv), []
+    while argv:
+        flag = argv.pop(0)
+        if flag in LOCAL_PATH_OPTIONS:
+            argv = argv[1:]  # its value
+        elif not flag.startswith(tuple(f"{option}=" for option in LOCAL_PATH_OPTIONS)):
+            kept.append(flag)
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *kept])
 
 
 def report_header(benchmark: str, smoke: bool, settings: dict, command: str | None = None) -> dict:

@@ -53,6 +53,7 @@ COMMANDS = {
 }
 # The benchmarks whose options come from `run_options.add_run_arguments` (defaults: 300 steps, evaluation every 25).
 SHARED_OPTIONS = ("distribution_matching", "experience", "replay", "target_distribution")
+DEFAULT_LEARNING_RATES = [3e-05, 0.0001, 0.0003]  # learning_rates.LEARNING_RATES
 
 
 def _label(name: str, report: dict | None = None) -> str:
@@ -69,16 +70,28 @@ def _per_seed(values, fmt="{:.2f}", scale=1.0) -> str:
 
 
 def _command(report: dict, name: str) -> str:
-    """How the report was made: the command it recorded, or (a report written before benchmarks recorded it) the
-    script with the flags its settings show to differ from the shared defaults of `run_options.py`."""
+    """How the report was made: the command it recorded, or, for a report written before benchmarks recorded it, the
+    script with the flags its settings show to differ from the defaults of `run_options.py` (steps, evaluation,
+    seeds, torch threads, learning rates, benchmark 3's ablation seeds; not `--arms`, whose default is each script's)."""
     if report.get("command") or name not in SHARED_OPTIONS:
         return report.get("command") or COMMANDS[name]
     settings = report.get("settings", {})
     flags = []
-    if isinstance(settings.get("steps"), int) and settings["steps"] != 300:
+    if settings.get("steps", 300) != 300:
         flags.append(f"--steps {settings['steps']}")
-    if isinstance(settings.get("eval"), dict) and settings["eval"].get("every", 25) != 25:
+    if settings.get("eval", {}).get("every", 25) != 25:
         flags.append(f"--eval-every {settings['eval']['every']}")
+    if settings.get("seeds", [0, 1, 2]) != [0, 1, 2]:
+        flags.append(f"--seeds {','.join(map(str, settings['seeds']))}")
+    if report.get("torch_threads", 1) != 1:
+        flags.append(f"--num-threads {report['torch_threads']}")
+    rates = settings.get("learning_rates")
+    if isinstance(rates, dict) and rates.get("choices", DEFAULT_LEARNING_RATES) != DEFAULT_LEARNING_RATES:
+        flags.append(f"--learning-rates {','.join(f'{lr:g}' for lr in rates['choices'])}")
+    ablation_seeds = settings.get("ablation_seeds", settings.get("seeds"))
+    ablations_ran = any(map(_ablation_seeds, report.get("regimes", {}).values()))
+    if name == "experience" and ablation_seeds != settings.get("seeds") and ablations_ran:
+        flags.append(f"--ablation-seeds {','.join(map(str, ablation_seeds))}")
     return " ".join([COMMANDS[name], *flags])
 
 
@@ -237,7 +250,8 @@ def _evaluation_lines(evaluation: dict, report: dict) -> list[str]:
     arm, baseline = _label(evaluation["arm"], report), _label(evaluation["baseline"], report)
     intro = {
         "target": f"Targets ({evaluation['targets']}), {arm} against {baseline}: {_verdict(evaluation['met'])}.",
-        "information": f"The same figures for {arm} against {baseline} (information, not a target): "
+        "information": f"Against the targets of {evaluation['targets']}, {arm} against {baseline} (information, not a "
+        "target): "
         f"{'all met' if evaluation['met'] else 'not all met'}.",
         "superseded": f"The former target of {evaluation['targets']}, {arm} against {baseline}: "
         f"{'met' if evaluation['met'] else 'missed'}.",
@@ -315,7 +329,9 @@ def render_distribution_matching(report: dict, results_dir: Path, readme_dir: Pa
     if (results_dir / "distribution_matching_tradeoff.png").is_file():
         lines += _image(results_dir, readme_dir, "distribution_matching_tradeoff", "accuracy against distinct paths")
     for path in sorted(results_dir.glob("distribution_matching_*steps.json")):
-        lines += _longer_run_lines(json.loads(path.read_text()), report, results_dir, readme_dir, path.stem)
+        longer = json.loads(path.read_text())
+        if longer["settings"]["steps"] > report["settings"]["steps"]:  # a shorter trial run is not a result
+            lines += _longer_run_lines(longer, report, results_dir, readme_dir, path.stem)
     return lines
 
 
@@ -332,23 +348,31 @@ def _longer_run_lines(longer: dict, report: dict, results_dir: Path, readme_dir:
     arms = list(longer["runs"])
     chosen = report["settings"].get("learning_rates", {}).get("chosen", {})
     rates = longer["settings"].get("learning_rates", {}).get("chosen", {})
-    protocol = [a for a in arms if a in chosen and rates.get(a) == chosen[a]]
-    others = [a for a in arms if a not in protocol]
+    same = [a for a in arms if a in chosen and rates.get(a) == chosen[a]]
     text = (
         f"Measured on {longer.get('date')}, {longer.get('machine')}, with `{_command(longer, 'distribution_matching')}`"
         f" (seeds {', '.join(map(str, longer['settings']['seeds']))})."
     )
-    if protocol:
+    if same:
         text += (
-            f" {', '.join(_label(a, report) for a in protocol)}: the learning rates the protocol chose above, run for "
-            f"{steps} steps. The learning rate is constant, so the first {short} steps of these runs are the runs "
-            f"above: their step-{short} figures are those of the table above."
+            f" {', '.join(_label(a, report) for a in same)}: at the learning rate{'s' * (len(same) > 1)} the protocol"
+            f" chose above, run for {steps} steps; the rate is constant, so the first {short} steps of these runs are"
+            f" the runs above, and their step-{short} figures those of the table above."
         )
-    for a in others:
-        if a in rates:
+    for a in arms:
+        if a in same:
+            continue
+        if a not in rates:
+            text += f" {_label(a, longer)}: its learning rate was not recorded."
+        elif a in chosen:
             text += (
-                f" {_label(a, longer)}, not an arm of the protocol above, ran at {rates[a]:g} without a choice of its"
-                f" own; its step-{short} figures are read from these runs."
+                f" {_label(a, longer)}: at {rates[a]:g}, not the {chosen[a]:g} the protocol chose at {short} steps; its"
+                f" step-{short} figures are read from these runs."
+            )
+        else:
+            text += (
+                f" {_label(a, longer)}, not an arm of the protocol above, at {rates[a]:g} without a choice of its own;"
+                f" its step-{short} figures are read from these runs."
             )
     lines = ["", f"#### At {steps} steps", "", text, ""]
     rows = []
@@ -416,15 +440,6 @@ def _ablation_seeds(regime: dict) -> list[int]:
 def render_experience(report: dict, results_dir: Path, readme_dir: Path) -> list[str]:
     lines = ["### 3. Experience: ExGRPO vs GRPO where fresh questions are scarce and where they are plentiful", ""]
     lines += _provenance(report, "experience")
-    ablation_seeds = report["settings"].get("ablation_seeds", report["settings"]["seeds"])
-    recorded = bool(report.get("command"))  # a report written before commands were recorded: the flag from settings
-    if (
-        not recorded
-        and ablation_seeds != report["settings"]["seeds"]
-        and any(map(_ablation_seeds, report["regimes"].values()))
-    ):
-        flag = f"{COMMANDS['experience']} --ablation-seeds {','.join(map(str, ablation_seeds))}"
-        lines[-1] = lines[-1].replace(f"`{COMMANDS['experience']}`", f"`{flag}`")
     lines[-1] += " " + _settings_line(report) + " " + _experience_time(report)
     weak = report.get("weak_model")
     if weak:

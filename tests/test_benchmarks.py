@@ -35,6 +35,7 @@ from metrics import (  # noqa: E402
     rollouts_to_reach,
     summarize,
 )
+from reporting import command_line  # noqa: E402
 from run_options import parse_arms  # noqa: E402
 from runs import (  # noqa: E402
     _check_expected,
@@ -331,31 +332,45 @@ def test_results_writer_target_lines():
 
 
 def test_results_writer_names_the_command_a_report_was_made_with():
-    settings = {"steps": 600, "eval": {"every": 50}}
+    settings = {"steps": 600, "eval": {"every": 50}, "seeds": [0, 1, 2]}
     recorded = {"command": "python benchmarks/bench_distribution_matching.py --steps 600", "settings": settings}
     assert write_results._command(recorded, "distribution_matching") == recorded["command"]
     # a report from before commands were recorded: the flags its settings show to differ from the shared defaults
-    assert write_results._command({"settings": settings}, "distribution_matching") == (
-        "python benchmarks/bench_distribution_matching.py --steps 600 --eval-every 50"
+    old = {"settings": {**settings, "learning_rates": {"choices": [1e-4]}}, "torch_threads": 2}
+    assert write_results._command(old, "distribution_matching") == (
+        "python benchmarks/bench_distribution_matching.py --steps 600 --eval-every 50 --num-threads 2 "
+        "--learning-rates 0.0001"
     )
-    assert write_results._command({"settings": {"steps": 300, "eval": {"every": 25}}}, "replay") == (
+    defaults = {"steps": 300, "eval": {"every": 25}, "learning_rates": {"choices": [3e-5, 1e-4, 3e-4]}}
+    assert write_results._command({"settings": defaults, "torch_threads": 1}, "replay") == (
         "python benchmarks/bench_replay.py"
     )
+    ablations = {"arms": {"exgrpo_no_is": {"seeds": [0], "gap_to_exgrpo_points": 1.0}}}
+    experience = {"settings": {**settings, "ablation_seeds": [0]}, "regimes": {"scarce": ablations}}
+    assert write_results._command(experience, "experience").endswith("--eval-every 50 --ablation-seeds 0")
+    experience["regimes"] = {"scarce": {"arms": {"exgrpo": {"seeds": [0, 1, 2]}}}}  # no ablation ran: no flag
+    assert write_results._command(experience, "experience").endswith("--eval-every 50")
     # benchmarks with options of their own (here 20 steps is benchmark 1's default) are not second-guessed
     assert write_results._command({"settings": {"steps": 20}}, "overhead") == "python benchmarks/bench_overhead.py"
 
 
-def test_results_writer_longer_runs_say_which_rates_the_protocol_chose():
+def test_recorded_command_leaves_out_local_directories():
+    argv = ["--steps", "600", "--output-dir", "/tmp/a", "--cache-dir=/tmp/b", "--arms", "grpo"]
+    assert command_line("/x/benchmarks/bench_replay.py", argv) == (
+        "python benchmarks/bench_replay.py --steps 600 --arms grpo"
+    )
+
+
+def test_results_writer_longer_runs_say_which_rates_the_protocol_chose(tmp_path):
     def run(accuracies):  # a curve evaluated at steps 0, 300 and 600
         points = [(0, 0.4), (300, accuracies[0]), (600, accuracies[1])]
-        return {
-            "curve": [
-                {"step": s, "accuracy": a, "distinct_correct_paths": 3.0, "target": {"tv": 0.5}} for s, a in points
-            ]
-        }
+        curve = [{"step": s, "accuracy": a, "distinct_correct_paths": 3.0, "target": {"tv": 0.5}} for s, a in points]
+        return {"curve": curve}
 
-    arms = {"grpo": {"label": "GRPO"}, "flowrl_matching_b5": {"label": "FlowRL matching (beta 5)"}}
-    report = {"settings": {"steps": 300, "arms": arms, "learning_rates": {"chosen": {"grpo": 1e-4}}}}
+    labels = {"grpo": "GRPO", "flowrl": "FlowRL official", "flowrl_matching_b5": "FlowRL matching (beta 5)"}
+    arms = {name: {"label": label} for name, label in labels.items()}
+    report = {"settings": {"steps": 300, "arms": arms, "learning_rates": {"chosen": {"grpo": 1e-4, "flowrl": 1e-4}}}}
+    final = {name: _final([3.0, 3.0], [0.8, 0.9], [0.5, 0.5]) for name in ("grpo", "flowrl_matching_b5")}
     longer = {
         "command": "python benchmarks/bench_distribution_matching.py --steps 600",
         "date": "2026-12-07",
@@ -364,18 +379,38 @@ def test_results_writer_longer_runs_say_which_rates_the_protocol_chose():
             "steps": 600,
             "seeds": [0, 1],
             "arms": arms,
-            "learning_rates": {"chosen": {"grpo": 1e-4, "flowrl_matching_b5": 1e-4}},
+            "learning_rates": {"chosen": {"grpo": 1e-4, "flowrl": 3e-4, "flowrl_matching_b5": 1e-4}},
         },
-        "runs": {"grpo": [run((0.7, 0.8)), run((0.8, 0.9))], "flowrl_matching_b5": [run((0.5, 0.6)), run((0.6, 0.6))]},
-        "evaluations": [],
+        "runs": {
+            "grpo": [run((0.7, 0.8)), run((0.8, 0.9))],
+            "flowrl": [run((0.7, 0.8)), run((0.7, 0.8))],
+            "flowrl_matching_b5": [run((0.5, 0.6)), run((0.6, 0.6))],
+        },
+        "evaluations": [bdm.evaluate_targets(final, "flowrl_matching_b5", bdm.ISSUE9, role="information")],
     }
-    lines = write_results._longer_run_lines(longer, report, Path("/nonexistent"), Path("/nonexistent"), "x")
-    text = "\n".join(lines)
+    (tmp_path / "x_tradeoff.png").write_bytes(b"png")
+    text = "\n".join(write_results._longer_run_lines(longer, report, tmp_path, tmp_path, "x"))
     assert "with `python benchmarks/bench_distribution_matching.py --steps 600` (seeds 0, 1)" in text
-    assert "GRPO: the learning rates the protocol chose above, run for 600 steps." in text
-    assert "FlowRL matching (beta 5), not an arm of the protocol above, ran at 0.0001 without a choice" in text
-    assert "| held-out accuracy (%) | 75.0 -> 85.0 (80.0, 90.0) | 55.0 -> 60.0 (60.0, 60.0) |" in text
+    assert "GRPO: at the learning rate the protocol chose above, run for 600 steps;" in text
+    assert "FlowRL official: at 0.0003, not the 0.0001 the protocol chose at 300 steps;" in text
+    assert "FlowRL matching (beta 5), not an arm of the protocol above, at 0.0001 without a choice of its own" in text
+    assert (
+        "| held-out accuracy (%) | 75.0 -> 85.0 (80.0, 90.0) | 70.0 -> 80.0 (80.0, 80.0) | 55.0 -> 60.0 (60.0, "
+        in text
+    )
+    assert "Against the targets of issue 9, FlowRL matching (beta 5) against GRPO (information, not a target)" in text
+    assert "![accuracy against distinct paths at 600 steps](x_tradeoff.png)" in text
     assert _table_rows_off_header(text) == []
+
+
+def test_mean_point_of_a_step():
+    def run(points):
+        return {"curve": [{"step": s, "accuracy": a, "distinct_correct_paths": n} for s, a, n in points]}
+
+    records = [run([(0, 0.4, 4.0), (300, 0.6, 3.0)]), run([(0, 0.4, 4.0), (300, 0.8, 2.0)])]
+    assert bdm.mean_point(records) == pytest.approx((2.5, 70.0))
+    assert bdm.mean_point(records, 0) == pytest.approx((4.0, 40.0))
+    assert bdm.mean_point(records, 150) is None  # not evaluated there: no point rather than a wrong one
 
 
 def test_replace_block_keeps_everything_outside_the_markers():
