@@ -89,16 +89,18 @@ def quiet() -> None:
 
 
 def plot_metric(ax, runs: dict[str, list[dict]], y, x="step", ylabel=None, xlabel=None) -> None:
-    """Per-seed curves (thin) and their mean (thick) of each trainer; `y` is a key of a curve point or a function."""
+    """Per-seed curves (thin) and their mean (thick) of each trainer; `y` and `x` are keys of a curve point or
+    functions of one."""
     get = y if callable(y) else (lambda point: point[y])
+    get_x = x if callable(x) else (lambda point: point[x])
     for name, records in runs.items():
         curves = [record["curve"] for record in records]
         for curve in curves:
-            ax.plot([p[x] for p in curve], [get(p) for p in curve], color=COLORS[name], alpha=0.25, linewidth=0.8)
-        xs = [sum(c[i][x] for c in curves) / len(curves) for i in range(len(curves[0]))]
+            ax.plot([get_x(p) for p in curve], [get(p) for p in curve], color=COLORS[name], alpha=0.25, linewidth=0.8)
+        xs = [sum(get_x(c[i]) for c in curves) / len(curves) for i in range(len(curves[0]))]
         ys = [sum(get(c[i]) for c in curves) / len(curves) for i in range(len(curves[0]))]
         ax.plot(xs, ys, color=COLORS[name], linewidth=2, label=f"{LABELS[name]} (mean of {len(curves)})")
-    ax.set_xlabel(xlabel or x)
+    ax.set_xlabel(xlabel or (x if isinstance(x, str) else ""))
     ax.set_ylabel(ylabel or (y if isinstance(y, str) else ""))
     ax.grid(alpha=0.3)
 
