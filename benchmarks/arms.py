@@ -74,7 +74,7 @@ ARMS = {
         "tab:red",
         {**MATCHING, "beta": 15.0},
     ),
-    # the trade-off: a sharper target (correct/wrong odds e^15 times the reference's), slower matching among paths
+    # the trade-off: a softer target (correct/wrong odds e^5 times the reference's), a third of the reward term's size
     "flowrl_matching_b5": Arm(
         "flowrl",
         ("--objective", "matching", "--beta", "5"),

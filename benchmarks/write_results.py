@@ -349,9 +349,10 @@ def _longer_run_lines(longer: dict, report: dict, results_dir: Path, readme_dir:
     chosen = report["settings"].get("learning_rates", {}).get("chosen", {})
     rates = longer["settings"].get("learning_rates", {}).get("chosen", {})
     same = [a for a in arms if a in chosen and rates.get(a) == chosen[a]]
+    threads = f", {longer['torch_threads']} torch thread(s) per process" if longer.get("torch_threads") else ""
     text = (
-        f"Measured on {longer.get('date')}, {longer.get('machine')}, with `{_command(longer, 'distribution_matching')}`"
-        f" (seeds {', '.join(map(str, longer['settings']['seeds']))})."
+        f"Measured on {longer.get('date')}, {longer.get('machine')} ({longer.get('device', 'cpu')}{threads}), with "
+        f"`{_command(longer, 'distribution_matching')}` (seeds {', '.join(map(str, longer['settings']['seeds']))})."
     )
     if same:
         text += (
@@ -374,7 +375,8 @@ def _longer_run_lines(longer: dict, report: dict, results_dir: Path, readme_dir:
                 f" {_label(a, longer)}, not an arm of the protocol above, at {rates[a]:g} without a choice of its own;"
                 f" its step-{short} figures are read from these runs."
             )
-    lines = ["", f"#### At {steps} steps", "", text, ""]
+    text += " " + _compute_time(longer)
+    lines = ["", f"#### At {steps} steps", "", text.rstrip(), ""]
     rows = []
     for label, value, fmt in LONGER_RUN_ROWS:
         cells = []

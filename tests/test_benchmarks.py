@@ -390,7 +390,7 @@ def test_results_writer_longer_runs_say_which_rates_the_protocol_chose(tmp_path)
     }
     (tmp_path / "x_tradeoff.png").write_bytes(b"png")
     text = "\n".join(write_results._longer_run_lines(longer, report, tmp_path, tmp_path, "x"))
-    assert "with `python benchmarks/bench_distribution_matching.py --steps 600` (seeds 0, 1)" in text
+    assert "m (cpu), with `python benchmarks/bench_distribution_matching.py --steps 600` (seeds 0, 1)." in text
     assert "GRPO: at the learning rate the protocol chose above, run for 600 steps;" in text
     assert "FlowRL official: at 0.0003, not the 0.0001 the protocol chose at 300 steps;" in text
     assert "FlowRL matching (beta 5), not an arm of the protocol above, at 0.0001 without a choice of its own" in text
@@ -551,7 +551,7 @@ def test_distribution_matching_smoke(smoke_outputs):
     log = logs["bench_distribution_matching"]
     assert "issue 18 (target): FlowRL matching (beta 15) against GRPO:" in log
     assert list(report["runs"]) == list(bdm.ARMS) == list(report["settings"]["arms"])
-    assert report["command"].startswith("python benchmarks/bench_distribution_matching.py --smoke --output-dir ")
+    assert report["command"] == "python benchmarks/bench_distribution_matching.py --smoke"  # no local directories
     # the learning-rate protocol: two rates in smoke mode, chosen on the validation split, the chosen run reused
     assert report["settings"]["learning_rates"]["choices"] == [1e-4, 3e-4]
     for name, choice in report["learning_rate_choice"].items():
@@ -709,7 +709,7 @@ def test_results_writer_renders_smoke_outputs(smoke_outputs, tmp_path):
     assert "stale" not in text
     machine = json.loads((output_dir / "experience.json").read_text())["machine"]
     assert machine in text
-    assert "with `python benchmarks/bench_experience.py --smoke --output-dir " in text  # the recorded command
+    assert "with `python benchmarks/bench_experience.py --smoke`" in text  # the recorded command
     for heading in (
         "### 2. Distribution matching",
         "### 3. Experience: ExGRPO vs GRPO",
