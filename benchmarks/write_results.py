@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from learning_rates import LEARNING_RATES
+
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -53,7 +55,7 @@ COMMANDS = {
 }
 # The benchmarks whose options come from `run_options.add_run_arguments` (defaults: 300 steps, evaluation every 25).
 SHARED_OPTIONS = ("distribution_matching", "experience", "replay", "target_distribution")
-DEFAULT_LEARNING_RATES = [3e-05, 0.0001, 0.0003]  # learning_rates.LEARNING_RATES
+DEFAULT_LEARNING_RATES = [float(lr) for lr in LEARNING_RATES.split(",")]
 
 
 def _label(name: str, report: dict | None = None) -> str:
